@@ -1,0 +1,426 @@
+"""One QLoRA training run from a StudioConfig: quantized base -> LoRA -> TRL SFTTrainer.
+
+The run folder is the only output and the only way others observe the run (see runs.py).
+Everything that can end a run - completion, a stop request, a signal, NaN loss, out of
+memory, bad data - ends with status.json saying so, and never with a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .config import ConfigError, StudioConfig
+from .runs import (STOP_FILE, last_checkpoint, now_iso, read_json, read_metrics, write_json_atomic)
+
+log = logging.getLogger("qlora_studio.train")
+
+EXIT_COMPLETED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended as failed; str(e) is the reason recorded in status.json."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run was stopped before it could finish."""
+
+
+def _slug(text: str, limit: int = 24) -> str:
+    text = text.rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    text = re.sub(r"\.(jsonl?|csv|tsv|parquet|txt)$", "", text)
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit] or "run"
+
+
+def default_run_name(config: StudioConfig) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{_slug(config.model.name)}-{_slug(config.data.source)}"
+
+
+def run_dir_for(config: StudioConfig) -> Path:
+    return Path(config.output_dir) / config.run_name
+
+
+class RunStatus:
+    """Writes status.json; every write carries the pid so readers can spot a dead writer."""
+
+    def __init__(self, run_dir: Path, max_steps: int = 0):
+        self.path = run_dir / "status.json"
+        previous = read_json(self.path)
+        self.data = {"state": "running", "reason": "", "step": previous.get("step", 0), "max_steps": max_steps,
+                     "pid": os.getpid(), "started_at": previous.get("started_at") or now_iso(),
+                     "updated_at": now_iso(), "finished_at": None}
+        self.write()
+
+    def update(self, **fields) -> None:
+        self.data.update(fields, updated_at=now_iso())
+        self.write()
+
+    def finish(self, state: str, reason: str) -> None:
+        self.update(state=state, reason=reason, finished_at=now_iso())
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM or a STOP file; the training callback checks it every step."""
+
+    def __init__(self, run_dir: Path):
+        self.stop_file = run_dir / STOP_FILE
+        self.signalled = False
+        self.training_started = False
+
+    def install(self) -> None:
+        if os.getpid() == getattr(self, "_pid", None):
+            return
+        self._pid = os.getpid()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): rely on the STOP file
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signalled or not self.training_started:
+            # A second signal, or one before training began, ends the process now.
+            raise KeyboardInterrupt
+        self.signalled = True
+        log.warning("received %s: saving the adapter at the end of this step", signal.Signals(signum).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or self.stop_file.exists()
+
+
+def _make_callback(run_dir: Path, status: RunStatus, stop: _StopFlag, resume_step: int):
+    from transformers import TrainerCallback
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    class StudioCallback(TrainerCallback):
+        """Streams metrics.jsonl, keeps status.json current, enforces stop and finite loss."""
+
+        def __init__(self):
+            self.t0 = time.monotonic()
+            self.last_t = self.t0
+            self.last_tokens = None
+            self.bad_loss = None
+
+        def _append(self, row: dict) -> None:
+            with open(metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            stop.training_started = True
+            self.t0 = self.last_t = time.monotonic()
+            status.update(max_steps=state.max_steps, step=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.requested:
+                control.should_training_stop = True
+                control.should_save = True  # a resumable checkpoint at exactly this step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            now = time.monotonic()
+            elapsed = now - self.t0
+            base = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "elapsed_s": round(elapsed, 2),
+                    "max_steps": state.max_steps, "time": now_iso()}
+            if "loss" in logs:
+                loss = float(logs["loss"])
+                tokens = logs.get("num_tokens")
+                tps = None
+                if tokens is not None and self.last_tokens is not None and now > self.last_t:
+                    tps = (tokens - self.last_tokens) / (now - self.last_t)
+                elif tokens is not None and now > self.t0 and state.global_step > resume_step:
+                    tps = tokens / (now - self.t0) if resume_step == 0 else None
+                self.last_tokens, self.last_t = tokens, now
+                done = state.global_step - resume_step
+                eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+                row = {"type": "train", **base, "loss": loss, "learning_rate": logs.get("learning_rate"),
+                       "grad_norm": logs.get("grad_norm"), "tokens_per_s": round(tps, 1) if tps else None,
+                       "num_tokens": tokens, "eta_s": round(eta, 1) if eta is not None else None}
+                self._append(row)
+                log.info("step %d/%d loss %.4f lr %.2e%s", state.global_step, state.max_steps, loss,
+                         logs.get("learning_rate") or 0, f" {tps:.0f} tok/s" if tps else "")
+                if not math.isfinite(loss):
+                    self.bad_loss = (state.global_step, loss)
+                    control.should_training_stop = True
+                    control.should_save = False  # never checkpoint a diverged model
+            if "eval_loss" in logs:
+                self._append({"type": "eval", **base, "eval_loss": float(logs["eval_loss"])})
+                log.info("step %d eval_loss %.4f", state.global_step, logs["eval_loss"])
+            status.update(step=state.global_step, max_steps=state.max_steps)
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.bad_loss:
+                return
+            status.update(last_checkpoint=f"checkpoint-{state.global_step}")
+
+    return StudioCallback()
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("qlora_studio", "transformers", "trl", "peft"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        if name == "qlora_studio":
+            logger.setLevel(logging.INFO)
+            if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+                       for h in logger.handlers):
+                stream = logging.StreamHandler(sys.stderr)
+                stream.setFormatter(logging.Formatter("%(message)s"))
+                logger.addHandler(stream)
+    return handler
+
+
+def _teardown_logging(handler: logging.Handler) -> None:
+    for name in ("qlora_studio", "transformers", "trl", "peft"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()
+
+
+def save_adapter_atomically(model, tokenizer, target: Path, base_name: str) -> None:
+    """Write the adapter beside its destination, then swap it in: a crash leaves the old one whole."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    # adapter_config.json should name the public base, not this machine's cache folder.
+    config_path = tmp / "adapter_config.json"
+    adapter_config = json.loads(config_path.read_text())
+    adapter_config["base_model_name_or_path"] = base_name
+    config_path.write_text(json.dumps(adapter_config, indent=2))
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def _oom_advice(config: StudioConfig) -> str:
+    tips = [f"lower train.batch_size (now {config.train.batch_size}) and raise train.grad_accum",
+            f"lower data.max_length (now {config.data.max_length})"]
+    if config.quant.type in ("none", "int8"):
+        tips.append("use 4-bit quantization (quant.type=nf4)")
+    if not config.train.gradient_checkpointing:
+        tips.append("turn on train.gradient_checkpointing")
+    return "out of memory: " + "; ".join(tips)
+
+
+def prepare_run(config: StudioConfig, resume: bool) -> tuple[StudioConfig, Path]:
+    """Pick the run folder; for a resume, the saved config of that folder wins."""
+    if not config.run_name:
+        if resume:
+            raise ConfigError("run_name", "--resume needs the run to continue: pass its folder or set run_name")
+        config = config.with_overrides([f"run_name={default_run_name(config)}"])
+    run_dir = run_dir_for(config)
+    if resume:
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError("run_name", f"there is no run to resume at {run_dir}")
+    elif (run_dir / "status.json").exists():
+        raise ConfigError("run_name", f"{run_dir} already holds a run; resume it (--resume) or pick another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return config, run_dir
+
+
+def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: _StopFlag, resume_step: int,
+                  run_info: dict):
+    """Everything up to a ready SFTTrainer; returns (trainer, tokenizer, config as run)."""
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from .data import prepare_training_data
+    from .models import (detect_hardware, load_base_model, load_tokenizer, resolve_compute_dtype,
+                         resolve_model)
+
+    hw = detect_hardware()
+    dtype = resolve_compute_dtype(config.quant.compute_dtype, hw)
+    if config.quant.type != "none" and hw.device == "cpu" and config.quant.type == "int8":
+        raise ConfigError("quant.type", "8-bit (LLM.int8) training needs a CUDA GPU; on CPU use nf4, fp4 or none")
+    if config.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit") and hw.device == "cpu":
+        raise ConfigError("train.optimizer", f"{config.train.optimizer} needs bitsandbytes' CUDA kernels; "
+                          "on CPU use adamw_torch")
+    run_info.update(requested_compute_dtype=config.quant.compute_dtype, compute_dtype=dtype,
+                    hardware=hw.to_dict())
+    config = config.with_overrides([f"quant.compute_dtype={dtype}"])
+
+    resolved = resolve_model(config.model.name, config.model.revision)
+    run_info["model"] = {"name": config.model.name, "path": resolved.path, "display_name": resolved.display_name,
+                         "license": resolved.license}
+    tokenizer = load_tokenizer(resolved.path, config.model.trust_remote_code)
+    data = prepare_training_data(config.data, tokenizer, seed=config.train.seed,
+                                 completion_only_loss=config.train.completion_only_loss)
+    run_info["data"] = data.report.to_dict()
+    run_info["dataset"] = config.data.source
+    log.info("data: %d train rows, %s eval rows", len(data.train), len(data.eval) if data.eval is not None else 0)
+
+    model = load_base_model(resolved.path, config.quant, dtype, hw, trust_remote_code=config.model.trust_remote_code,
+                            device_index=int(os.environ.get("LOCAL_RANK", 0)))
+    lora = config.lora
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                             bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
+    t = config.train
+    has_eval = data.eval is not None and len(data.eval) > 0
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.scheduler,
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm if t.max_grad_norm > 0 else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=("steps" if t.eval_steps > 0 else "epoch") if has_eval else "no",
+        eval_steps=t.eval_steps if t.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        gradient_checkpointing=t.gradient_checkpointing,
+        packing=t.packing,
+        max_length=config.data.max_length,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        use_cpu=hw.device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        save_only_model=False,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if has_eval else None,
+                         processing_class=tokenizer, peft_config=peft_config,
+                         callbacks=[_make_callback(run_dir, status, stop, resume_step)])
+    # peft counts 4-bit packed weights at their real size; a plain numel() would halve them.
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    run_info.update(trainable_params=trainable, total_params=total, template=config.data.template)
+    log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return trainer, tokenizer, config
+
+
+def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
+    """Train; return the run folder. Raises TrainingFailed/TrainingStopped after recording the outcome."""
+    config, run_dir = prepare_run(config, resume)
+    if resume:
+        saved = StudioConfig.load(run_dir)
+        # The saved config is the run; only the step budget may be raised when continuing.
+        if config.train.max_steps != saved.train.max_steps or config.train.epochs != saved.train.epochs:
+            saved = saved.with_overrides([f"train.max_steps={config.train.max_steps}",
+                                          f"train.epochs={config.train.epochs}"])
+        config = saved
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    handler = _setup_logging(run_dir)
+    status = RunStatus(run_dir)
+    stop = _StopFlag(run_dir)
+    stop.install()
+    run_info = read_json(run_dir / "run.json") if resume else {}
+    run_info.setdefault("started_at", now_iso())
+    run_info["versions"] = _versions()
+    checkpoint = last_checkpoint(run_dir) if resume else None
+    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    if resume:
+        _truncate_metrics(run_dir, resume_step)
+        log.info("resuming %s from %s", run_dir, checkpoint.name if checkpoint else "the start (no checkpoint yet)")
+    trainer = None
+    try:
+        trainer, tokenizer, config = build_trainer(config, run_dir, status, stop, resume_step, run_info)
+        config.save(run_dir / "config.yaml", header=f"# qlora-studio train {run_dir} --resume  (continues this run)")
+        write_json_atomic(run_dir / "run.json", run_info)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        callback = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StudioCallback")
+        if callback.bad_loss:
+            step, value = callback.bad_loss
+            good = last_checkpoint(run_dir)
+            raise TrainingFailed(f"loss became {value} at step {step}; try a lower learning rate"
+                                 + (f" (last good checkpoint: {good.name})" if good else ""))
+        step = trainer.state.global_step
+        stopped = stop.requested and step < trainer.state.max_steps
+        if not stopped and trainer.eval_dataset is not None:
+            rows, _ = read_metrics(run_dir)
+            if not any(r.get("type") == "eval" and r.get("step") == step for r in rows):
+                trainer.evaluate()
+        save_adapter_atomically(trainer.model, tokenizer, run_dir / "adapter", run_info["model"]["display_name"])
+        if stopped:
+            status.finish("stopped", f"stopped at step {step} of {trainer.state.max_steps}; adapter saved, "
+                          "resume to continue")
+            raise TrainingStopped(status.data["reason"])
+        status.finish("completed", f"finished {step} steps")
+        log.info("completed: adapter saved to %s", run_dir / "adapter")
+        return run_dir
+    except TrainingStopped:
+        raise
+    except KeyboardInterrupt:
+        status.finish("stopped", "interrupted before training started" if not stop.training_started
+                      else "interrupted")
+        raise TrainingStopped(status.data["reason"]) from None
+    except ConfigError as e:
+        status.finish("failed", f"invalid config: {e}")
+        raise
+    except Exception as e:
+        if isinstance(e, TrainingFailed):
+            reason = str(e)
+        elif _is_oom(e):
+            reason = _oom_advice(config)
+        elif type(e).__name__ in ("DataError", "ModelError"):
+            reason = str(e)  # already written for the user
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        log.exception("run failed: %s", reason)
+        status.finish("failed", reason)
+        if isinstance(e, TrainingFailed):
+            raise
+        raise TrainingFailed(reason) from e
+    finally:
+        if run_info.get("model"):
+            run_info["finished_at"] = now_iso()
+            write_json_atomic(run_dir / "run.json", run_info)
+        _teardown_logging(handler)
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint: those steps are trained again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows, _ = read_metrics(run_dir)
+    keep = [r for r in rows if int(r.get("step", 0)) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
