@@ -50,7 +50,10 @@ class ModelConfig:
                        "'Qwen/Qwen2.5-0.5B-Instruct' (needs the network or the Hub cache), or a local folder with config.json.")
     revision: str = option("", "Hub revision (branch, tag or commit) when `name` is a Hub id; empty means the default branch.",
                            advanced=True)
-    trust_remote_code: bool = option(False, "Run Python code shipped with the model. Only for models you trust.", advanced=True)
+    trust_remote_code: bool = option(False, "Run Python code shipped with the model repository. Warning: that code runs "
+                                     "with your permissions; tick only for models you trust.", advanced=True)
+    allow_pickle_weights: bool = option(False, "Also load .bin/.pt (pickle) weights. Pickle files can run code when "
+                                        "loaded; by default only safetensors are accepted.", advanced=True)
 
 
 @dataclass
@@ -77,7 +80,8 @@ class DataConfig:
                            choices=TEMPLATES)
     max_length: int = option(512, "Longest training sequence in tokens; longer rows are truncated (and reported).", ge=16)
     eval_fraction: float = option(0.1, "Share of rows held out for evaluation (0 disables evaluation).", ge=0.0, lt=0.9)
-    eval_source: str = option("", "Separate evaluation file; overrides eval_fraction when set.", advanced=True)
+    eval_source: str = option("", "Held-out data instead of eval_fraction: a separate file, or 'split:NAME' for another "
+                              "split of a Hub dataset (e.g. split:test).", advanced=True)
     bad_rows: str = option("drop", "What to do with invalid rows: drop them (and record why) or stop.",
                            choices=("drop", "stop"))
 
