@@ -117,7 +117,10 @@ class TrainSettings:
     save_steps: int = option(50, "Write a resumable checkpoint every N steps.", ge=1)
     save_total_limit: int = option(2, "Checkpoints kept on disk (older ones are deleted).", ge=1, advanced=True)
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
-    packing: bool = option(False, "Pack several rows into each sequence (no padding; attention kept within each row).")
+    padding_free: bool = option(False, "Concatenate a batch's rows into one sequence instead of padding them to the "
+                                "longest; attention stays within each row. Same rows per step, no wasted compute.")
+    packing: bool = option(False, "Pack several rows into each max_length sequence (fewer, fuller steps per epoch; "
+                           "attention kept within each row).")
     completion_only_loss: bool = option(True, "Train only on assistant/completion tokens; prompts are masked from the loss.")
 
 

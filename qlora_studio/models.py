@@ -261,13 +261,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_base_model(path: str, quant: QuantConfig, compute_dtype: str, hw: Hardware, *,
-                    trust_remote_code: bool = False, device_index: int = 0):
+                    trust_remote_code: bool = False, device_index: int = 0, allow_pickle_weights: bool = False):
     """Load the frozen base, quantized as configured, on the chosen device."""
     from transformers import AutoModelForCausalLM
 
+    if not allow_pickle_weights and Path(path).is_dir() and not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"{path} has no .safetensors weights. Pickle weights (.bin) can run code when loaded; "
+                         "allow them with model.allow_pickle_weights if you trust this model.")
     bnb = quantization_config(quant, compute_dtype)
     kwargs = {"dtype": torch_dtype(compute_dtype) if compute_dtype != "fp32" else None,
-              "trust_remote_code": trust_remote_code}
+              "trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle_weights else True}
     if hw.device == "cuda":
         kwargs["device_map"] = {"": device_index}
     elif bnb is not None:

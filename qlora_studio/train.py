@@ -283,8 +283,11 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
     run_info["dataset"] = config.data.source
     log.info("data: %d train rows, %s eval rows", len(data.train), len(data.eval) if data.eval is not None else 0)
 
+    if config.model.trust_remote_code:
+        log.warning("trust_remote_code is on: Python code from %s will run in this process", config.model.name)
     model = load_base_model(resolved.path, config.quant, dtype, hw, trust_remote_code=config.model.trust_remote_code,
-                            device_index=int(os.environ.get("LOCAL_RANK", 0)))
+                            device_index=int(os.environ.get("LOCAL_RANK", 0)),
+                            allow_pickle_weights=config.model.allow_pickle_weights)
     lora = config.lora
     targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
@@ -315,6 +318,7 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
         save_total_limit=t.save_total_limit,
         gradient_checkpointing=t.gradient_checkpointing,
         packing=t.packing,
+        padding_free=t.padding_free or t.packing,
         max_length=config.data.max_length,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
@@ -363,7 +367,9 @@ def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
         trainer, tokenizer, config = build_trainer(config, run_dir, status, stop, resume_step, run_info)
         config.save(run_dir / "config.yaml", header=f"# qlora-studio train {run_dir} --resume  (continues this run)")
         write_json_atomic(run_dir / "run.json", run_info)
+        started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        _record_cost(run_info, trainer, time.perf_counter() - started)
         callback = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "StudioCallback")
         if callback.bad_loss:
             step, value = callback.bad_loss
@@ -412,6 +418,24 @@ def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
             run_info["finished_at"] = now_iso()
             write_json_atomic(run_dir / "run.json", run_info)
         _teardown_logging(handler)
+
+
+def _record_cost(run_info: dict, trainer, seconds: float) -> None:
+    """Training time, tokens and peak memory: for the model card and the benchmarks."""
+    import resource
+
+    import torch
+    run_info["train_seconds"] = round(run_info.get("train_seconds", 0) + seconds, 2)
+    tokens = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    if tokens:
+        run_info["num_tokens"] = max(tokens)
+        run_info["tokens_per_s"] = round(max(tokens) / seconds, 1) if seconds > 0 else None
+    if torch.cuda.is_available():
+        run_info["peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        run_info["peak_memory_kind"] = "cuda_allocated"
+    else:
+        run_info["peak_memory_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        run_info["peak_memory_kind"] = "process_rss"
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

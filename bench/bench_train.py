@@ -1,0 +1,164 @@
+"""Training throughput: the studio's CLI with a preset vs the tutorial recipe, same model, data and steps.
+
+    python bench/bench_train.py [--device cpu|cuda] [--preset quick-cpu] [--steps 30] [--batch 8]
+
+Both train from the same rows for the same number of optimizer steps at the same batch size.
+Then both adapters are scored the same way, by this script: the loss on the answers of held-out rows.
+Prints a summary and appends a row to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from common import append_result, command_line  # noqa: E402
+
+REPO = BENCH.parent
+
+
+def split_rows(source: Path, out: Path, eval_count: int, seed: int = 0) -> tuple[Path, Path]:
+    rows = [line for line in source.read_text().splitlines() if line.strip()]
+    random.Random(seed).shuffle(rows)
+    train, held = rows[eval_count:], rows[:eval_count]
+    (out / "train.jsonl").write_text("\n".join(train) + "\n")
+    (out / "eval.jsonl").write_text("\n".join(held) + "\n")
+    return out / "train.jsonl", out / "eval.jsonl"
+
+
+def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS MB of the process tree, polled)."""
+    peak = [0.0]
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        ps = psutil.Process(proc.pid)
+
+        def poll():
+            while proc.poll() is None:
+                try:
+                    rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
+                    peak[0] = max(peak[0], rss / 2**20)
+                except psutil.Error:
+                    pass
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        start = time.perf_counter()
+        watcher.start()
+        proc.wait()
+        wall = time.perf_counter() - start
+        watcher.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed; see {log}")
+    return wall, peak[0]
+
+
+def heldout_loss(adapter: Path, eval_file: Path, device: str) -> float:
+    """Mean loss on the assistant tokens of held-out rows, identical for every adapter scored."""
+    import torch
+    from peft import PeftModel
+
+    from qlora_studio.config import DataConfig, QuantConfig
+    from qlora_studio.data import prepare_training_data
+    from qlora_studio.models import (detect_hardware, load_base_model, load_tokenizer, resolve_compute_dtype,
+                                     resolve_model)
+
+    hw = detect_hardware(device)
+    path = resolve_model("embedded").path
+    tokenizer = load_tokenizer(path)
+    data = prepare_training_data(DataConfig(source=str(eval_file), eval_fraction=0.0, max_length=1024), tokenizer,
+                                 seed=0, completion_only_loss=True)
+    base = load_base_model(path, QuantConfig(), resolve_compute_dtype("auto", hw), hw)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in data.train:
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            labels = ids.clone()
+            labels[0, torch.tensor(row["assistant_masks"]) == 0] = -100
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((labels[0, 1:] != -100).sum())
+    return total / count
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="quick-cpu")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra overrides for the studio run (e.g. to apply GPU preset settings)")
+    p.add_argument("--eval-rows", type=int, default=20)
+    p.add_argument("--no-record", action="store_true", help="print only; don't append to RESULTS.md")
+    args = p.parse_args()
+
+    from qlora_studio.data import resolve_source
+    from qlora_studio.models import resolve_model
+
+    out = BENCH / "out" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True)
+    train_file, eval_file = split_rows(Path(resolve_source("sample:persona")), out, args.eval_rows)
+    model_path = resolve_model("embedded").path
+
+    studio_cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(REPO / "presets" / f"{args.preset}.yaml"),
+                  "--set", f"output_dir={out}", "--set", "run_name=studio", "--set", f"data.source={train_file}",
+                  "--set", "data.eval_fraction=0", "--set", f"train.max_steps={args.steps}",
+                  "--set", f"train.batch_size={args.batch}", "--set", "train.grad_accum=1",
+                  "--set", f"train.save_steps={args.steps}", *sum((["--set", o] for o in args.overrides), [])]
+    recipe_cmd = [sys.executable, str(BENCH / "tutorial_recipe.py"), "--model", model_path, "--train",
+                  str(train_file), "--steps", str(args.steps), "--batch", str(args.batch), "--out",
+                  str(out / "recipe"), "--device", args.device]
+
+    print("studio:", " ".join(studio_cmd), flush=True)
+    studio_wall, studio_rss = run_measured(studio_cmd, out / "studio.log")
+    studio = json.loads((out / "studio" / "run.json").read_text())
+    print("recipe:", " ".join(recipe_cmd), flush=True)
+    recipe_wall, recipe_rss = run_measured(recipe_cmd, out / "recipe.log")
+    recipe = json.loads((out / "recipe" / "summary.json").read_text())
+
+    studio_loss = heldout_loss(out / "studio" / "adapter", eval_file, args.device)
+    recipe_loss = heldout_loss(out / "recipe" / "adapter", eval_file, args.device)
+    studio_tps, recipe_tps = studio["tokens_per_s"], recipe["tokens_per_s"]
+    if args.device == "cuda":
+        studio_mem, recipe_mem = studio["peak_memory_mb"], recipe["peak_mb"]
+    else:
+        studio_mem, recipe_mem = studio_rss, recipe_rss
+    summary = {
+        "studio_tokens_per_s": studio_tps, "recipe_tokens_per_s": round(recipe_tps, 1),
+        "speedup": round(studio_tps / recipe_tps, 2),
+        "studio_peak_mb": round(studio_mem), "recipe_peak_mb": round(recipe_mem),
+        "studio_heldout_loss": round(studio_loss, 4), "recipe_heldout_loss": round(recipe_loss, 4),
+        "loss_ratio": round(studio_loss / recipe_loss, 3) if recipe_loss and math.isfinite(recipe_loss) else None,
+        "studio_train_s": studio["train_seconds"], "recipe_train_s": round(recipe["seconds"], 1),
+        "studio_wall_s": round(studio_wall, 1), "recipe_wall_s": round(recipe_wall, 1),
+        "steps": args.steps, "batch": args.batch, "preset": args.preset,
+    }
+    print(json.dumps(summary, indent=2))
+    if not args.no_record:
+        row = append_result(
+            "Training throughput: studio preset vs tutorial recipe", args.device,
+            ["preset", "steps x batch", "studio tok/s", "recipe tok/s", "speedup", "studio peak MB",
+             "recipe peak MB", "studio held-out loss", "recipe held-out loss"],
+            [args.preset + (" " + " ".join(args.overrides) if args.overrides else ""), f"{args.steps}x{args.batch}",
+             studio_tps, summary["recipe_tokens_per_s"], f"{summary['speedup']}x", summary["studio_peak_mb"],
+             summary["recipe_peak_mb"], summary["studio_heldout_loss"], summary["recipe_heldout_loss"]],
+            command_line())
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
