@@ -54,7 +54,11 @@ class TrainerSupervisor:
         info = read_json(self._active_file)
         if not info or not pid_alive(info.get("pid")):
             return None
-        if read_status(info["run_dir"]).get("state") in FINAL_STATES:
+        status = read_status(info["run_dir"])
+        # Train tab (issue #4): a resumed run's status.json keeps the previous process's final
+        # state until the new process writes its own, so only a final state written by this
+        # pid ends it; otherwise a second Resume click launched a second trainer on the run.
+        if status.get("state") in FINAL_STATES and status.get("pid") in (None, info.get("pid")):
             return None
         return info
 

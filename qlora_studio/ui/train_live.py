@@ -1,0 +1,224 @@
+"""The live view of a run: an incremental reader of its folder, and what the tab draws from it.
+
+A "watch" is a plain dict kept in each browser session's gr.State: the run folder, how far
+metrics.jsonl has been read, the rows so far, and what was last shown. Polling it reads only
+new bytes, so a tick on an unchanged run costs three stat() calls and no redraw.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from ..runs import read_metrics, read_status
+
+LOG_LINES = 30
+STATUS_KEYS = ("state", "reason", "step", "max_steps")
+COLORS = ("#f97316", "#2563eb", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777")
+
+
+# -- the watch -----------------------------------------------------------------------------
+
+def new_watch(run_dir: str | Path) -> dict:
+    return {"run": str(run_dir), "ino": None, "offset": 0, "rows": [], "status": {}, "log_size": -1}
+
+
+def poll(watch: dict) -> set[str]:
+    """Read what is new in the run folder into `watch`; return which parts changed."""
+    run = Path(watch["run"])
+    changed: set[str] = set()
+    try:
+        stat = (run / "metrics.jsonl").stat()
+        ino, size = stat.st_ino, stat.st_size
+    except OSError:
+        ino, size = None, 0
+    if ino != watch["ino"] or size < watch["offset"]:
+        # A resume rewrites metrics.jsonl (rows after the checkpoint are dropped): read it afresh.
+        if watch["rows"]:
+            changed.add("metrics")
+        watch.update(ino=ino, offset=0, rows=[])
+    if size > watch["offset"]:
+        rows, watch["offset"] = read_metrics(run, watch["offset"])
+        if rows:
+            watch["rows"].extend(rows)
+            changed.add("metrics")
+    status = read_status(run)
+    key = {k: status.get(k) for k in STATUS_KEYS}
+    if key != {k: watch["status"].get(k) for k in STATUS_KEYS}:
+        changed.add("status")
+    watch["status"] = status
+    try:
+        log_size = (run / "train.log").stat().st_size
+    except OSError:
+        log_size = _size(run / "console.log")
+    if log_size != watch["log_size"]:
+        watch["log_size"] = log_size
+        changed.add("log")
+    return changed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def train_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("type") == "train" and r.get("loss") is not None]
+
+
+def eval_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("type") == "eval" and r.get("eval_loss") is not None]
+
+
+# -- log tail ------------------------------------------------------------------------------------
+
+def log_tail(run_dir: str | Path, lines: int = LOG_LINES) -> str:
+    """The last lines of train.log (console.log when the process died before logging began)."""
+    run = Path(run_dir)
+    for name in ("train.log", "console.log"):
+        path = run / name
+        if _size(path) == 0:
+            continue
+        with open(path, "rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 64 * 1024))
+            text = handle.read().decode("utf-8", errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+    return ""
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Debiased exponential moving average (as TensorBoard draws it); smoother for longer runs."""
+    if weight is None:
+        weight = 0.6 if len(values) <= 25 else min(0.95, 1 - 10 / len(values))
+    out, last = [], 0.0
+    for n, value in enumerate(values, start=1):
+        last = weight * last + (1 - weight) * value
+        out.append(last / (1 - weight**n))
+    return out
+
+
+def loss_figure(rows: list[dict], title: str = ""):
+    """Train loss (raw and smoothed) and eval loss by step; the learning rate in a panel below."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
+    train, evals = train_rows(rows), eval_rows(rows)
+    steps = [r["step"] for r in train]
+    losses = [r["loss"] for r in train]
+    marker_mode = "lines+markers" if len(train) <= 60 else "lines"
+    fig.add_trace(go.Scatter(x=steps, y=losses, mode=marker_mode, name="train loss", opacity=0.35,
+                             line={"color": COLORS[0], "width": 1}, marker={"size": 4}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=steps, y=smooth(losses), mode="lines", name="train loss (smoothed)",
+                             line={"color": COLORS[0], "width": 2.5}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
+                             mode="lines+markers", name="eval loss", line={"color": COLORS[1], "dash": "dot"},
+                             marker={"size": 9, "symbol": "diamond"}), row=1, col=1)
+    lr = [(r["step"], r["learning_rate"]) for r in train if r.get("learning_rate") is not None]
+    fig.add_trace(go.Scatter(x=[s for s, _ in lr], y=[v for _, v in lr], mode="lines", name="learning rate",
+                             line={"color": "#64748b", "width": 1.5}), row=2, col=1)
+    fig.update_yaxes(title_text="loss", row=1, col=1)
+    fig.update_yaxes(title_text="learning rate", tickformat=".1e", row=2, col=1)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    _layout(fig, title, empty=not train and not evals)
+    return fig
+
+
+def overlay_figure(series: list[tuple[str, list[dict]]]):
+    """Several runs' loss curves in one chart: smoothed train loss solid, eval loss dotted."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, (name, rows) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        train, evals = train_rows(rows), eval_rows(rows)
+        fig.add_trace(go.Scatter(x=[r["step"] for r in train], y=smooth([r["loss"] for r in train]), mode="lines",
+                                 name=f"{name} · train", legendgroup=name, line={"color": color, "width": 2}))
+        if evals:
+            fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
+                                     mode="lines+markers", name=f"{name} · eval", legendgroup=name,
+                                     line={"color": color, "dash": "dot"}, marker={"symbol": "diamond", "size": 8}))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="loss (train smoothed)")
+    _layout(fig, "Loss curves" if series else "", empty=not series, empty_text="Pick runs to compare")
+    return fig
+
+
+def _layout(fig, title: str, empty: bool, empty_text: str = "Waiting for the first logged step…") -> None:
+    fig.update_layout(title={"text": html.escape(title), "font": {"size": 14}}, height=430, template="plotly_white",
+                      margin={"l": 60, "r": 20, "t": 40 if title else 20, "b": 40}, hovermode="x unified",
+                      legend={"orientation": "h", "y": -0.18}, uirevision=title or "runs")
+    if empty:
+        fig.add_annotation(text=empty_text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.6,
+                           font={"size": 14, "color": "#64748b"})
+
+
+# -- progress and status -----------------------------------------------------------------
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h {m:02d}m" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def progress_html(rows: list[dict], status: dict) -> str:
+    train = train_rows(rows)
+    last = train[-1] if train else {}
+    step = max(int(status.get("step") or 0), int(last.get("step") or 0))
+    total = int(status.get("max_steps") or last.get("max_steps") or 0)
+    pct = min(100.0, 100.0 * step / total) if total else 0.0
+    state = status.get("state", "")
+    recent = [r["tokens_per_s"] for r in train[-5:] if r.get("tokens_per_s")]
+    tps = f"{sum(recent) / len(recent):,.0f}" if recent else "–"
+    eta = _duration(last.get("eta_s")) if state == "running" else ("done" if state == "completed" else "–")
+    color = {"failed": "#dc2626", "stopped": "#ca8a04", "completed": "#16a34a"}.get(state, "#f97316")
+    items = [("step", f"{step}/{total or '?'}"), ("epoch", f"{last.get('epoch', 0):.2f}" if last else "–"),
+             ("elapsed", _duration(last.get("elapsed_s"))), ("ETA", eta), ("tokens/s", tps)]
+    cells = "".join(f"<span><b>{k}</b> {html.escape(str(v))}</span>" for k, v in items)
+    return (f'<div class="qs-progress" data-step="{step}" data-total="{total}">'
+            f'<div style="background:#e5e7eb;border-radius:6px;height:12px;overflow:hidden">'
+            f'<div style="width:{pct:.1f}%;height:100%;background:{color};transition:width .4s"></div></div>'
+            f'<div style="display:flex;flex-wrap:wrap;gap:1.4em;margin-top:6px;font-size:.92em">{cells}</div></div>')
+
+
+FAILURE_TIPS = ("If it ran out of memory: lower train.batch_size (raise train.grad_accum to keep the effective "
+                "batch) or data.max_length, turn on train.gradient_checkpointing, or store the base in 4 bit "
+                "(quant.type=nf4).")
+
+
+def status_html(status: dict, run_name: str) -> str:
+    state = status.get("state") or "unknown"
+    reason = status.get("reason") or ""
+    icon, color = {"running": ("●", "#f97316"), "completed": ("✓", "#16a34a"), "stopped": ("■", "#ca8a04"),
+                   "failed": ("✗", "#dc2626")}.get(state, ("?", "#64748b"))
+    body = f'<b style="color:{color}">{icon} {html.escape(state)}</b> · <code>{html.escape(run_name)}</code>'
+    if state == "running" and not reason:
+        reason = f"step {status.get('step', 0)}/{status.get('max_steps') or '?'}"
+    if reason:
+        body += f" — {html.escape(reason)}"
+    if state == "failed":
+        low = reason.lower()
+        if low.startswith("out of memory"):
+            tips = reason.split(":", 1)[1].strip()
+            body += "<br>The run ran out of memory. Try: " + html.escape(tips) + "."
+        elif "out of memory" in low or "killed" in low:
+            body += "<br>" + html.escape(FAILURE_TIPS)
+    if state in ("stopped", "failed"):
+        body += "<br><small>Resume continues from the last checkpoint.</small>"
+    return f'<div class="qs-status" data-state="{html.escape(state)}">{body}</div>'
+
+
+def empty_status_html() -> str:
+    return '<div class="qs-status" data-state="">No run selected. Start one, or pick one from the history.</div>'
+
+
+def run_name_of(watch: dict | None) -> str:
+    return os.path.basename(watch["run"]) if watch and watch.get("run") else ""
