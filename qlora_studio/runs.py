@@ -143,13 +143,14 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     rows, _ = read_metrics(run_dir)
     train_rows = [r for r in rows if r.get("type") == "train" and r.get("loss") is not None]
     eval_rows = [r for r in rows if r.get("type") == "eval" and r.get("eval_loss") is not None]
-    duration = None
-    if train_rows:
+    # elapsed_s restarts with each resumed process; run.json adds the sessions up.
+    duration = info.get("train_seconds")
+    if duration is None and train_rows:
         duration = train_rows[-1].get("elapsed_s")
     return RunSummary(
         name=run_dir.name, path=str(run_dir), state=status.get("state", "unknown"), reason=status.get("reason", ""),
         model=info.get("model", {}).get("display_name", ""), dataset=info.get("dataset", ""),
-        preset=info.get("preset", ""), step=int(status.get("step") or 0), max_steps=int(status.get("max_steps") or 0),
+        preset=info.get("preset") or read_json(run_dir / "launch.json").get("preset", ""), step=int(status.get("step") or 0), max_steps=int(status.get("max_steps") or 0),
         train_loss=train_rows[-1]["loss"] if train_rows else None,
         eval_loss=eval_rows[-1]["eval_loss"] if eval_rows else None,
         duration_s=duration, started_at=status.get("started_at", ""),

@@ -110,7 +110,10 @@ class TrainerSupervisor:
         target = Path(run_dir) if run_dir else (Path(info["run_dir"]) if info else None)
         if target is None:
             return "Nothing is training."
-        if read_status(target).get("state") in FINAL_STATES:
+        status = read_status(target)
+        launched_here = info is not None and Path(info["run_dir"]) == target
+        # Just after a resume, status.json still holds the previous process's final state.
+        if status.get("state") in FINAL_STATES and not (launched_here and status.get("pid") != info.get("pid")):
             return f"{target.name} is not running."
         request_stop(target)
         return f"Stopping {target.name}: the adapter is saved at the end of the current step."

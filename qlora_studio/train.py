@@ -259,16 +259,15 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
     from trl import SFTConfig, SFTTrainer
 
     from .data import prepare_training_data
+    from .estimate import hardware_problems
     from .models import (detect_hardware, load_base_model, load_tokenizer, resolve_compute_dtype,
                          resolve_model)
 
     hw = detect_hardware()
+    problems = hardware_problems(config, hw)  # the same rules the Train tab shows before launch
+    if problems:
+        raise problems[0]
     dtype = resolve_compute_dtype(config.quant.compute_dtype, hw)
-    if config.quant.type != "none" and hw.device == "cpu" and config.quant.type == "int8":
-        raise ConfigError("quant.type", "8-bit (LLM.int8) training needs a CUDA GPU; on CPU use nf4, fp4 or none")
-    if config.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit") and hw.device == "cpu":
-        raise ConfigError("train.optimizer", f"{config.train.optimizer} needs bitsandbytes' CUDA kernels; "
-                          "on CPU use adamw_torch")
     run_info.update(requested_compute_dtype=config.quant.compute_dtype, compute_dtype=dtype,
                     hardware=hw.to_dict())
     config = config.with_overrides([f"quant.compute_dtype={dtype}"])
@@ -339,8 +338,11 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
     return trainer, tokenizer, config
 
 
-def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
-    """Train; return the run folder. Raises TrainingFailed/TrainingStopped after recording the outcome."""
+def run_training(config: StudioConfig, *, resume: bool = False, preset: str = "") -> Path:
+    """Train; return the run folder. Raises TrainingFailed/TrainingStopped after recording the outcome.
+
+    `preset` names the preset the config came from, for the run history and model card.
+    """
     config, run_dir = prepare_run(config, resume)
     if resume:
         saved = StudioConfig.load(run_dir)
@@ -349,13 +351,15 @@ def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
             saved = saved.with_overrides([f"train.max_steps={config.train.max_steps}",
                                           f"train.epochs={config.train.epochs}"])
         config = saved
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    _clear_stale_stop(run_dir)
     handler = _setup_logging(run_dir)
     status = RunStatus(run_dir)
     stop = _StopFlag(run_dir)
     stop.install()
     run_info = read_json(run_dir / "run.json") if resume else {}
     run_info.setdefault("started_at", now_iso())
+    if preset:
+        run_info["preset"] = preset
     run_info["versions"] = _versions()
     checkpoint = last_checkpoint(run_dir) if resume else None
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
@@ -418,6 +422,17 @@ def run_training(config: StudioConfig, *, resume: bool = False) -> Path:
             run_info["finished_at"] = now_iso()
             write_json_atomic(run_dir / "run.json", run_info)
         _teardown_logging(handler)
+
+
+def _clear_stale_stop(run_dir: Path) -> None:
+    """A STOP left by an earlier stop must not end this process; one written since it started must."""
+    import psutil
+    stop_file = run_dir / STOP_FILE
+    try:
+        if stop_file.stat().st_mtime < psutil.Process().create_time():
+            stop_file.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _record_cost(run_info: dict, trainer, seconds: float) -> None:

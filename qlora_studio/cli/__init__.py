@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("train", "runs", "data", "ui", "export")
+COMMAND_MODULES = ("train", "runs", "data", "ui", "export", "chat")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,14 @@ def load_config(path: str, overrides: list[str], resume: bool):
     return config.with_overrides(overrides)
 
 
+def preset_name(path: str) -> str:
+    """The preset's name when the config is one of the shipped presets, else ''."""
+    from ..paths import PRESETS_DIR
+
+    source = Path(path).resolve()
+    return source.stem if source.parent == PRESETS_DIR.resolve() and source.suffix == ".yaml" else ""
+
+
 def run(args) -> int:
     from ..config import ConfigError
     from ..models import ModelError
@@ -35,7 +43,7 @@ def run(args) -> int:
 
     try:
         config = load_config(args.config, args.overrides, args.resume)
-        run_dir = run_training(config, resume=args.resume)
+        run_dir = run_training(config, resume=args.resume, preset=preset_name(args.config))
     except ConfigError as e:
         print(f"error: invalid config: {e}", file=sys.stderr)
         return 2

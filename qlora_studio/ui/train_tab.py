@@ -27,7 +27,7 @@ from .train_live import (empty_status_html, log_tail, loss_figure, new_watch, ov
 
 HISTORY_COLUMNS = ["name", "model", "dataset", "preset", "status", "steps", "train loss", "eval loss", "duration"]
 DEFAULT_PRESET = "quick-cpu"
-LAUNCH_FILE = "launch.json"  # written by this tab next to a run it starts: {"preset": ...}
+LAUNCH_FILE = "launch.json"  # written next to a run this tab starts: {"preset": ...}; runs.summarize_run reads it
 DEMO_MESSAGE = ("Training is turned off in this public demo. Duplicate the Space (⋮ menu → <b>Duplicate this "
                 "Space</b>) to train on your own hardware, or run QLoRA Studio locally.")
 
@@ -332,8 +332,7 @@ def history(ctx):
 
     rows, names = [], []
     for run in list_runs(ctx.runs_root):
-        preset = run.preset or read_json(Path(run.path) / LAUNCH_FILE).get("preset", "")
-        rows.append([run.name, run.model, run.dataset, preset, run.state, f"{run.step}/{run.max_steps or '?'}",
+        rows.append([run.name, run.model, run.dataset, run.preset, run.state, f"{run.step}/{run.max_steps or '?'}",
                      _fmt_loss(run.train_loss), _fmt_loss(run.eval_loss), _fmt_duration(run.duration_s)])
         names.append(run.name)
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS), names
