@@ -293,6 +293,14 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
                              bias=lora.bias, use_rslora=lora.use_rslora, use_dora=lora.use_dora, task_type="CAUSAL_LM")
     t = config.train
     has_eval = data.eval is not None and len(data.eval) > 0
+    train_set, eval_set = data.train, data.eval if has_eval else None
+    max_length = config.data.max_length
+    if t.padding_free and not t.packing:
+        # TRL leaves truncation to the caller in padding-free mode; cut rows here exactly as it would
+        # (keep the start). The data step already dropped rows with no answer tokens inside max_length.
+        train_set = _truncate(train_set, max_length)
+        eval_set = _truncate(eval_set, max_length) if eval_set is not None else None
+        max_length = None
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         learning_rate=t.learning_rate,
@@ -318,7 +326,7 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
         gradient_checkpointing=t.gradient_checkpointing,
         packing=t.packing,
         padding_free=t.padding_free or t.packing,
-        max_length=config.data.max_length,
+        max_length=max_length,
         bf16=dtype == "bf16",
         fp16=dtype == "fp16",
         use_cpu=hw.device == "cpu",
@@ -328,7 +336,7 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
         dataset_num_proc=None,
         save_only_model=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval if has_eval else None,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[_make_callback(run_dir, status, stop, resume_step)])
     # peft counts 4-bit packed weights at their real size; a plain numel() would halve them.
@@ -336,6 +344,11 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
     run_info.update(trainable_params=trainable, total_params=total, template=config.data.template)
     log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return trainer, tokenizer, config
+
+
+def _truncate(dataset, max_length: int):
+    return dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length],
+                                    "assistant_masks": row["assistant_masks"][:max_length]})
 
 
 def run_training(config: StudioConfig, *, resume: bool = False, preset: str = "") -> Path:
