@@ -80,14 +80,18 @@ class _StopFlag:
         self.training_started = False
 
     def install(self) -> None:
-        if os.getpid() == getattr(self, "_pid", None):
-            return
-        self._pid = os.getpid()
+        self._previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. called from a test thread): rely on the STOP file
                 pass
+
+    def uninstall(self) -> None:
+        """Give a Python caller (a notebook, a test) its own Ctrl-C back after the run."""
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signalled or not self.training_started:
@@ -431,6 +435,7 @@ def run_training(config: StudioConfig, *, resume: bool = False, preset: str = ""
             raise
         raise TrainingFailed(reason) from e
     finally:
+        stop.uninstall()
         if run_info.get("model"):
             run_info["finished_at"] = now_iso()
             write_json_atomic(run_dir / "run.json", run_info)

@@ -66,3 +66,19 @@ def test_a_token_given_to_a_run_never_reaches_its_folder(tmp_path):
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), f"token leaked into {path}"
+
+
+def test_two_browser_sessions_keep_their_own_dataset_choice(running_app):
+    from gradio_client import Client
+
+    first, second = Client(running_app.url, verbose=False), Client(running_app.url, verbose=False)
+    params = first.view_api(return_format="dict", print_info=False)["named_endpoints"]["/on_check"]["parameters"]
+    inputs = {p["parameter_name"]: p.get("parameter_default") for p in params}
+    sample = next(p["parameter_name"] for p in params if p["label"] == "Sample")
+    detection = first.predict(**{**inputs, sample: "instructions"}, api_name="/on_check")[0]
+    assert "alpaca" in detection
+    # The Train form takes the session's dataset: only the first session chose the instruction set.
+    first_form = first.predict("quick-cpu", api_name="/train_load_preset")
+    second_form = second.predict("quick-cpu", api_name="/train_load_preset")
+    assert "sample:instructions" in first_form and "sample:instructions" not in second_form
+    assert "sample:persona" in second_form

@@ -177,3 +177,8 @@ def test_the_core_never_imports_gradio():
             "qlora_studio.data, qlora_studio.cli\n"
             "assert 'gradio' not in sys.modules, 'gradio imported by the core'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_python_caller_gets_its_signal_handlers_back(trained_run):
+    # trained_run called run_training in this very process; Ctrl-C must behave normally again.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
