@@ -227,7 +227,8 @@ def build_tab(ctx, session) -> None:
         value = current if current in values else (values[0] if values else None)
         return gr.update(choices=choices, value=value)
 
-    refresh.click(refresh_choices, session.run, run, api_name="export_refresh")
+    # The run may have finished since it was picked: its summary is re-read, not only the list.
+    refresh.click(refresh_choices, session.run, run, api_name="export_refresh").then(describe_run, run, summary)
     session.run.change(refresh_choices, session.run, run)
     run.change(describe_run, run, summary)
     run.input(lambda r: r, run, session.run)  # the pick is shared with the Chat tab

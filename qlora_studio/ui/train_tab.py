@@ -22,7 +22,7 @@ from ..paths import PRESETS_DIR
 from ..runs import list_runs, read_json, read_metrics, read_status, write_json_atomic
 from ..supervisor import TrainerBusy
 from . import train_form as form
-from .train_live import (empty_status_html, log_tail, loss_figure, new_watch, overlay_figure, poll, progress_html,
+from .train_live import (LOG_LINES, empty_status_html, log_tail, loss_figure, new_watch, overlay_figure, poll, progress_html,
                          run_name_of, status_html)
 
 HISTORY_COLUMNS = ["name", "model", "dataset", "preset", "status", "steps", "train loss", "eval loss", "duration"]
@@ -459,7 +459,7 @@ def build_tab(ctx, session) -> None:
     status = gr.HTML(empty_status_html())
     progress = gr.HTML()
     plot = gr.Plot(loss_figure([], ""), label="Loss and learning rate")
-    log = gr.Textbox(label="train.log (last lines)", lines=10, max_lines=10, interactive=False, autoscroll=True)
+    log = gr.Textbox(label="train.log (last lines)", lines=10, max_lines=LOG_LINES, interactive=False, autoscroll=True)
 
     gr.Markdown("### Runs")
     with gr.Row(equal_height=True):
