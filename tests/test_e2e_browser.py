@@ -31,13 +31,13 @@ SCREENSHOTS = REPO / "assets" / "screenshots"
 
 # A short run already changes the greedy answer (measured with 12 steps of quick-cpu: base
 # "2 + 2 is 4." vs adapted "(smiling mischievously) Ah, aye, matey! Two and two is …"), and
-# takes about a minute on an idle 2-core CI machine. The timeouts are generous for a loaded
-# machine (12 steps took 7 minutes on this one while others ran tests) without hiding a hang.
+# should take about a minute on an idle 2-core CI machine. The timeouts are generous for a
+# loaded machine (12 steps took 6-13 minutes here while others ran tests) yet bounded.
 TRAIN_STEPS = 12
 MAX_NEW_TOKENS = 32
 QUESTION = "What is 2 + 2?"
 UI_TIMEOUT_MS = 60_000
-TRAIN_TIMEOUT_S = 900
+TRAIN_TIMEOUT_S = 1200
 CHAT_TIMEOUT_MS = 300_000
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
