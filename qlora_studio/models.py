@@ -193,6 +193,10 @@ class Hardware:
 
 
 def _cpu_has_bf16() -> bool:
+    # Lets a user (or a test) run the fp32 path of a bf16-capable CPU, as on a CPU without bf16.
+    forced = os.environ.get("QLORA_STUDIO_CPU_BF16", "").strip().lower()
+    if forced in ("0", "1", "false", "true", "no", "yes"):
+        return forced in ("1", "true", "yes")
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

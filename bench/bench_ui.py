@@ -1,0 +1,210 @@
+"""UI overhead and metrics-to-screen latency: a run launched from the app in a real browser vs the CLI.
+
+    python bench/bench_ui.py [--device cpu|cuda] [--preset quick-cpu] [--steps 20] [--repeats 1]
+
+1. Starts `python app.py` on a free port, opens it in Debian's headless chromium (Playwright),
+   picks the preset on the Train tab, sets the step count and clicks Train, with the page left
+   open (the live chart, progress and log keep polling) until the run completes.
+2. Meanwhile the page records, every 20 ms, when each step's point first appears on the loss
+   chart. Every metrics.jsonl row carries the wall-clock time it was written (`wall_time`), so
+   the difference is the time from the line being written to the chart showing it.
+3. Stops the app, then trains the same saved config.yaml with the CLI, nothing else running.
+   tokens/s of each come from their run.json (the trainer's own count over its training time).
+
+Appends a row to "UI overhead" and one to "Metrics to screen" in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from common import append_result, command_line  # noqa: E402
+
+REPO = BENCH.parent
+POLL_MS = 20
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+# Runs in the page: the first time (ms since the epoch) each step of the 'train loss' trace is drawn.
+RECORDER = """(pollMs) => {
+    window.__seen = {};
+    setInterval(() => {
+        for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+            for (const trace of plot.data || []) {
+                if (trace.name !== 'train loss') continue;
+                for (const x of trace.x || []) {
+                    if (!(x in window.__seen)) window.__seen[x] = Date.now();
+                }
+            }
+        }
+    }, pollMs);
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(work: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "QLORA_STUDIO_RUNS": str(work / "runs"),
+           "QLORA_STUDIO_UPLOADS": str(work / "uploads")}
+    log = open(work / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the app exited; see {work / 'app.log'}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"the app did not serve within 300 s; see {work / 'app.log'}")
+
+
+def stop_app(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def train_in_browser(url: str, preset: str, steps: int, timeout_s: float) -> tuple[str, dict]:
+    """Click a run into being as a user does; return (run name, {step: ms the chart first showed it})."""
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    executable = shutil.which("chromium")
+    if executable is None:
+        raise SystemExit("needs Debian's chromium on PATH (apt-get install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.get_by_role("heading", name="QLoRA Studio").wait_for()
+        page.get_by_role("tab", name="Train", exact=True).click()
+        panel = page.locator("[role=tabpanel]:visible")
+        panel.get_by_role("combobox", name="Preset", exact=True).click()
+        page.get_by_role("option", name=preset).click()
+        max_steps = panel.get_by_label("Max steps", exact=True)
+        max_steps.fill(str(steps))
+        max_steps.press("Tab")
+        panel.get_by_text("Config as YAML and command").click()
+        command = panel.get_by_text("Equivalent command", exact=True).locator("xpath=ancestor::label[1]//textarea")
+        expect(command).to_have_value(re.compile(rf"train\.max_steps={steps}\b"))
+        page.evaluate(RECORDER, POLL_MS)
+        panel.get_by_role("button", name="Train", exact=True).click()
+        started = panel.locator(".qs-msg")
+        expect(started).to_contain_text("Started")
+        run_name = started.locator("code").inner_text()
+        status = panel.locator(".qs-status")
+        deadline = time.monotonic() + timeout_s
+        while status.get_attribute("data-state") not in ("completed", "failed", "stopped"):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the run did not finish within {timeout_s} s")
+            time.sleep(1)
+        if status.get_attribute("data-state") != "completed":
+            raise SystemExit(f"the app's run ended {status.get_attribute('data-state')}: {status.inner_text()}")
+        page.wait_for_timeout(2000)  # the last point may land a tick after the status
+        seen = page.evaluate("() => window.__seen")
+        browser.close()
+    return run_name, {int(float(k)): v for k, v in seen.items()}
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["type"] == "train"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="quick-cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=1, help="app/CLI pairs; the ratio uses the totals")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
+    p.add_argument("--no-record", action="store_true", help="print only; don't append to RESULTS.md")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ui-"))
+    app_tps, cli_tps, latencies, app_s, cli_s = [], [], [], [], []
+    for repeat in range(args.repeats):
+        proc, url = start_app(work)
+        try:
+            run_name, seen = train_in_browser(url, args.preset, args.steps, args.timeout)
+        finally:
+            stop_app(proc)
+        app_run = work / "runs" / run_name
+        app_info = json.loads((app_run / "run.json").read_text())
+        rows = train_rows(app_run)
+        missing = [r["step"] for r in rows if r["step"] not in seen]
+        if missing:
+            raise SystemExit(f"the chart never showed steps {missing}")
+        latencies += [seen[r["step"]] / 1000 - r["wall_time"] for r in rows]
+
+        cli_name = f"cli-{repeat}"
+        cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(app_run / "config.yaml"),
+               "--set", f"output_dir={work / 'cli'}", "--set", f"run_name={cli_name}"]
+        print("cli:", " ".join(cmd), flush=True)
+        with open(work / f"{cli_name}.log", "w") as log:
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        cli_info = json.loads((work / "cli" / cli_name / "run.json").read_text())
+        app_tps.append(app_info["tokens_per_s"])
+        cli_tps.append(cli_info["tokens_per_s"])
+        app_s.append(app_info["train_seconds"])
+        cli_s.append(cli_info["train_seconds"])
+        print(f"repeat {repeat + 1}: app {app_tps[-1]} tok/s, CLI {cli_tps[-1]} tok/s", flush=True)
+
+    # Same config, so the same tokens: the ratio of total times is the ratio of throughputs.
+    ratio = sum(cli_s) / sum(app_s)
+    summary = {
+        "app_tokens_per_s": app_tps, "cli_tokens_per_s": cli_tps, "ratio": round(ratio, 3),
+        "app_train_s": app_s, "cli_train_s": cli_s,
+        "latency_median_s": round(statistics.median(latencies), 3),
+        "latency_p90_s": round(percentile(latencies, 0.9), 3), "latency_max_s": round(max(latencies), 3),
+        "points": len(latencies), "work": str(work),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.no_record:
+        return
+    setup = f"{args.preset}, {args.steps} steps x {args.repeats}"
+    print(append_result(
+        "UI overhead: run launched from the app (browser open) vs the CLI", args.device,
+        ["setup", "app tok/s", "CLI tok/s", "app train s", "CLI train s", "ratio (≥0.95)"],
+        [setup, " / ".join(map(str, app_tps)), " / ".join(map(str, cli_tps)), round(sum(app_s), 1),
+         round(sum(cli_s), 1), summary["ratio"]], command_line()))
+    print(append_result(
+        "Metrics to screen: metrics.jsonl line written to point on the chart", args.device,
+        ["setup", "points", "median s", "p90 s", "max s", "page poll"],
+        [setup, len(latencies), summary["latency_median_s"], summary["latency_p90_s"], summary["latency_max_s"],
+         f"{POLL_MS} ms"], command_line()))
+
+
+if __name__ == "__main__":
+    main()
