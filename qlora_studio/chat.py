@@ -14,6 +14,7 @@ skips every LoRA layer, so it is the true base model); otherwise the base side r
 from __future__ import annotations
 
 import csv
+import gc
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -110,6 +111,7 @@ class LoadedPair:
     mixed_batch: bool       # both sides in one batched generate (else: base, then adapted)
     load_seconds: float
     notes: list = field(default_factory=list)
+    stamp: tuple = ()        # the adapter files it was loaded from (see _adapter_stamp)
 
     def describe(self) -> str:
         mode = "one batched generate" if self.mixed_batch else "base then adapted (adapter disabled for base)"
@@ -118,12 +120,9 @@ class LoadedPair:
 
 
 def chat_compute_dtype(setting: str, hw) -> str:
-    """fp32 on CPU: generation there is dominated by small matmuls, where bf16 measured many times
-    slower than fp32 (see bench/RESULTS.md). On a GPU the run's dtype, if the GPU has it."""
+    """The dtype the adapter was trained with, when this machine has it (else what 'auto' picks)."""
     from .models import resolve_compute_dtype
 
-    if hw.device == "cpu":
-        return "fp32"
     try:
         return resolve_compute_dtype(setting, hw)
     except ConfigError:
@@ -134,16 +133,24 @@ def _supports_mixed_batch(model) -> bool:
     return not any(getattr(cfg, "use_dora", False) for cfg in model.peft_config.values())
 
 
-def load_pair(info: AdapterInfo, device: str = "auto", previous: LoadedPair | None = None,
-              adapter_name: str = "adapter") -> LoadedPair:
-    """Load the adapter's base (or reuse `previous`'s, when it is the same base) and attach the adapter."""
-    from peft import PeftModel
+@dataclass
+class LoadPlan:
+    """Where the base comes from and how it will be loaded, decided before loading anything."""
+    path: str
+    quant: QuantConfig
+    dtype: str
+    hw: object
+    notes: list
 
-    from .models import ModelError, detect_hardware, load_base_model, load_tokenizer, resolve_model
+    @property
+    def base_key(self) -> tuple:
+        return (self.path, self.quant.type, self.quant.double_quant, self.dtype, self.hw.device)
 
-    started = time.monotonic()
+
+def plan_load(info: AdapterInfo, device: str = "auto") -> LoadPlan:
+    from .models import ModelError, detect_hardware, resolve_model
+
     hw = detect_hardware(device)
-    dtype = chat_compute_dtype(info.compute_dtype, hw)
     quant, notes = info.quant, list(info.notes)
     if quant.type == "int8" and hw.device == "cpu":
         quant = QuantConfig(type="none", double_quant=quant.double_quant, compute_dtype=quant.compute_dtype)
@@ -152,20 +159,31 @@ def load_pair(info: AdapterInfo, device: str = "auto", previous: LoadedPair | No
         resolved = resolve_model(info.base_model, info.revision)
     except ModelError as e:
         raise ChatError(f"The adapter's base model cannot be loaded: {e}") from None
-    base_key = (resolved.path, quant.type, quant.double_quant, dtype, hw.device)
+    return LoadPlan(resolved.path, quant, chat_compute_dtype(info.compute_dtype, hw), hw, notes)
+
+
+def load_pair(info: AdapterInfo, device: str = "auto", previous: LoadedPair | None = None,
+              adapter_name: str = "adapter", plan: LoadPlan | None = None) -> LoadedPair:
+    """Load the adapter's base (or reuse `previous`'s, when it is the same base) and attach the adapter."""
+    from peft import PeftModel
+
+    from .models import load_base_model, load_tokenizer
+
+    started = time.monotonic()
+    plan = plan or plan_load(info, device)
     adapter_files = Path(info.adapter_path)
-    tokenizer_dir = str(adapter_files) if (adapter_files / "tokenizer_config.json").exists() else resolved.path
+    tokenizer_dir = str(adapter_files) if (adapter_files / "tokenizer_config.json").exists() else plan.path
     tokenizer = load_tokenizer(tokenizer_dir, info.trust_remote_code)
     tokenizer.padding_side = "left"  # rows of different lengths end where generation starts
     try:
-        if previous is not None and previous.base_key == base_key:
+        if previous is not None and previous.base_key == plan.base_key:
             model = previous.model
-            old = previous.adapter_name
             model.load_adapter(str(adapter_files), adapter_name=adapter_name, is_trainable=False)
             model.set_adapter(adapter_name)
-            model.delete_adapter(old)
+            model.delete_adapter(previous.adapter_name)
         else:
-            base = load_base_model(resolved.path, quant, dtype, hw, trust_remote_code=info.trust_remote_code)
+            base = load_base_model(plan.path, plan.quant, plan.dtype, plan.hw,
+                                   trust_remote_code=info.trust_remote_code)
             model = PeftModel.from_pretrained(base, str(adapter_files), adapter_name=adapter_name,
                                               is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:
@@ -174,9 +192,16 @@ def load_pair(info: AdapterInfo, device: str = "auto", previous: LoadedPair | No
                         f"on {info.recorded_base or 'an unrecorded base'} ({detail}). Pick the base it was trained "
                         "on.") from None
     model.eval()
-    return LoadedPair(model=model, tokenizer=tokenizer, info=info, adapter_name=adapter_name, base_key=base_key,
-                      device=hw.device, dtype=dtype, mixed_batch=_supports_mixed_batch(model),
-                      load_seconds=time.monotonic() - started, notes=notes)
+    return LoadedPair(model=model, tokenizer=tokenizer, info=info, adapter_name=adapter_name, base_key=plan.base_key,
+                      device=plan.hw.device, dtype=plan.dtype, mixed_batch=_supports_mixed_batch(model),
+                      load_seconds=time.monotonic() - started, notes=plan.notes)
+
+
+def _adapter_stamp(info: AdapterInfo) -> tuple:
+    """Identifies the adapter's files as they are now: a run that saved a newer adapter reloads."""
+    folder = Path(info.adapter_path).resolve()
+    stamps = [(p.name, p.stat().st_mtime_ns) for p in sorted(folder.glob("adapter_*")) if p.is_file()]
+    return (str(folder), tuple(stamps), info.base_model, info.revision, info.quant)
 
 
 class ModelPool:
@@ -226,23 +251,23 @@ class ModelPool:
     def pair_for(self, info: AdapterInfo) -> LoadedPair:
         """The loaded pair for this adapter, loading it if needed. Call with the pool acquired."""
         pair = self._pair
-        if pair is not None and Path(pair.info.adapter_path).resolve() == Path(info.adapter_path).resolve() \
-                and pair.info.base_model == info.base_model and pair.info.quant == info.quant:
+        if not self.needs_load(info):
             pair.info = info  # same weights; the template/system defaults may come from a fresher read
             return pair
+        plan = plan_load(info, self.device)
+        previous = pair if pair is not None and pair.base_key == plan.base_key else None
+        # Let go of an unrelated base before the next one loads (never two in memory), and of a
+        # reused one too: if attaching the new adapter fails, it may be left half-changed.
+        self._pair = pair = None
+        gc.collect()
         self._loads += 1
-        try:
-            self._pair = load_pair(info, self.device, previous=pair, adapter_name=f"adapter{self._loads}")
-        except BaseException:
-            if pair is not None and self._pair is pair:
-                # A failed swap may have left half an adapter on the shared base: start clean next time.
-                self._pair = None
-            raise
+        self._pair = load_pair(info, previous=previous, adapter_name=f"adapter{self._loads}", plan=plan)
+        self._pair.stamp = _adapter_stamp(info)
         return self._pair
 
     def needs_load(self, info: AdapterInfo) -> bool:
         pair = self._pair
-        return pair is None or Path(pair.info.adapter_path).resolve() != Path(info.adapter_path).resolve()
+        return pair is None or pair.stamp != _adapter_stamp(info)
 
     def unload(self) -> None:
         with self._lock:
@@ -261,38 +286,39 @@ class CompareStep:
     status: str = ""
     stats: dict = field(default_factory=dict)
 
-    def side(self, index: int) -> str:
-        return self.base if index == BASE else self.adapted
-
 
 def stream_compare(pool: ModelPool, info: AdapterInfo, base_messages: list[dict], adapted_messages: list[dict],
                    template: str, settings: GenerationSettings, *, owner: str | None = None,
                    wait_s: float = 0.0) -> Iterator[CompareStep]:
-    """Stream both answers as they grow. Each side gets its own messages (its own history)."""
+    """Stream both answers as they grow. Each side gets its own messages (its own history).
+
+    The pool is never held across a yield by this generator: once generation starts, its
+    thread owns the pool and releases it, so a consumer that is dropped mid-answer (a closed
+    tab, a cancelled event) cannot leave the model locked.
+    """
+    if pool.needs_load(info):
+        yield CompareStep("", "", "", "", status=f"Loading {info.base_display} with the adapter {info.label}…")
     stop = pool.acquire(owner, wait_s)
-    handed_over = False
     try:
-        if pool.needs_load(info):
-            yield CompareStep("", "", "", "", status=f"Loading {info.base_display} with the adapter {info.label}…")
         pair = pool.pair_for(info)
         prompts = [render_prompt(pair.tokenizer, base_messages, template),
                    render_prompt(pair.tokenizer, adapted_messages, template)]
         generation = Generation(pair, prompts, [BASE, ADAPTED], settings, stop, plain=template == "plain",
                                 on_finish=pool.release)
-        handed_over = True  # from here the generation thread releases the pool
-        try:
-            for texts, done, stats in generation.run():
-                yield CompareStep(texts[BASE], texts[ADAPTED], prompts[BASE], prompts[ADAPTED], done=done,
-                                  stats=stats, status="Stopped." if done and stats["stopped"] else "")
-        except ChatError:
-            raise
-        except Exception as e:
-            raise ChatError(f"Generation failed: {type(e).__name__}: {e}") from e
+    except BaseException:
+        pool.release()
+        raise
+    generation.start()
+    try:
+        for texts, done, stats in generation.stream():
+            yield CompareStep(texts[BASE], texts[ADAPTED], prompts[BASE], prompts[ADAPTED], done=done,
+                              stats=stats, status="Stopped." if done and stats["stopped"] else "")
+    except ChatError:
+        raise
+    except Exception as e:
+        raise ChatError(f"Generation failed: {type(e).__name__}: {e}") from e
     finally:
-        if not handed_over:
-            pool.release()
-        else:
-            stop.set()  # the consumer left early (Stop, closed tab): end the generation too
+        stop.set()  # the consumer left early (Stop, closed tab): end the generation too
 
 
 def compare(pool: ModelPool, info: AdapterInfo, prompt: str, *, system: str = "", template: str | None = None,
@@ -317,32 +343,36 @@ def batch_compare(pool: ModelPool, info: AdapterInfo, prompts: list[str], *, sys
     `prerendered` prompts are exact model inputs (the eval split, rendered as in training) and get
     no template; otherwise each prompt is one user turn under `template` with `system`.
     """
-    prompts = [p for p in (p.strip() for p in prompts) if p]
+    # Prerendered prompts are kept byte for byte (their trailing newline is part of the template).
+    keep = [i for i, p in enumerate(prompts) if p.strip()]
+    prompts = [prompts[i] if prerendered else prompts[i].strip() for i in keep]
+    references = [references[i] for i in keep] if references is not None else None
     if not prompts:
         raise ChatError("No prompts: paste one prompt per line, or load the run's eval split.")
     template = template or info.template
     settings = settings or GenerationSettings()
-    stop = pool.acquire(owner, wait_s)
     rows: list[dict] = []
-    try:
-        pair = pool.pair_for(info)
-        for start in range(0, len(prompts), max(1, batch_size)):
-            if stop.is_set():
-                break
-            chunk = prompts[start:start + batch_size]
+    for start in range(0, len(prompts), max(1, batch_size)):
+        chunk = prompts[start:start + batch_size]
+        # The pool is taken per batch and never held across a yield (see stream_compare).
+        stop = pool.acquire(owner, wait_s)
+        try:
+            pair = pool.pair_for(info)
             rendered = chunk if prerendered else [
                 render_prompt(pair.tokenizer, build_messages([], p, system), template) for p in chunk]
             generation = Generation(pair, rendered * 2, [BASE] * len(chunk) + [ADAPTED] * len(chunk), settings,
                                     stop, plain=prerendered or template == "plain")
             texts = generation.run_to_end()
-            for i, prompt in enumerate(chunk):
-                row = {"prompt": prompt, "base": texts[i], "adapted": texts[len(chunk) + i]}
-                if references is not None:
-                    row["reference"] = references[start + i]
-                rows.append(row)
-            yield list(rows)
-    finally:
-        pool.release()
+        finally:
+            pool.release()
+        for i, prompt in enumerate(chunk):
+            row = {"prompt": prompt, "base": texts[i], "adapted": texts[len(chunk) + i]}
+            if references is not None:
+                row["reference"] = references[start + i]
+            rows.append(row)
+        yield list(rows)
+        if stop.is_set():
+            break
 
 
 def eval_split_prompts(info: AdapterInfo, tokenizer=None, limit: int = 50) -> tuple[list[str], list[str]]:

@@ -170,14 +170,22 @@ class Generation:
     def _side_texts(self, texts: list[str]) -> tuple[str, str]:
         return tuple("".join(texts[i] for i in self.groups[side]) for side in (BASE, ADAPTED))
 
+    def start(self) -> None:
+        """Generate in a thread of its own; `stream()` follows it."""
+        self.worker = threading.Thread(target=self._work, name="chat-generate", daemon=True)
+        self.worker.start()
+
     def run(self) -> Iterator[tuple[tuple[str, str], bool, dict]]:
-        """Stream (base text, adapted text) as they grow; the last item has done=True.
+        self.start()
+        yield from self.stream()
+
+    def stream(self) -> Iterator[tuple[tuple[str, str], bool, dict]]:
+        """(base text, adapted text) as they grow; the last item has done=True.
 
         Each side is expected to have one row here (the chat case); updates that pile up while
         the consumer is busy are merged, so a slow browser never lags behind the model.
         """
-        worker = threading.Thread(target=self._work, name="chat-generate", daemon=True)
-        worker.start()
+        worker = self.worker
         latest, error = None, None
         while True:
             kind, payload = self.events.get()

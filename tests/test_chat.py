@@ -4,6 +4,7 @@ adapted column shows what training taught, both stream, and every side sees the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -87,8 +88,12 @@ def fresh_base(info, pool):
 # -- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pool():
-    return ModelPool(device="cpu")
+def pool(trained_run):
+    # Chat in fp32 even on a bf16 CPU: these tests compare answers token for token across batch
+    # shapes, and bf16 rounds a padded batch differently from a single row (near-ties flip).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("QLORA_STUDIO_CPU_BF16", "0")
+        yield ModelPool(device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +195,17 @@ def test_stop_ends_both_sides_and_frees_the_model(pool, run_info):
     assert final.done and final.stats["stopped"] and final.status == "Stopped."
     assert 0 < final.stats["base_tokens"] < 300 and 0 < final.stats["adapted_tokens"] < 300
     pool.acquire(wait_s=5)  # released by the generation thread
+    pool.release()
+
+    # A consumer that goes away mid-answer (closed tab, cancelled event) never keeps the model:
+    # a chat generator that is closed stops its generation; a batch holds the pool only per batch.
+    chat = stream_compare(pool, run_info, messages, messages, "model", settings)
+    next(chat)
+    chat.close()
+    batch = batch_compare(pool, run_info, ["Hi", "Ahoy"], settings=GenerationSettings(greedy=True, max_new_tokens=4),
+                          batch_size=1, wait_s=10)  # the closed chat's thread may still be finishing its step
+    assert len(next(batch)) == 1  # left suspended, never closed
+    pool.acquire(wait_s=10)
     pool.release()
 
 
@@ -332,6 +348,12 @@ def test_a_new_adapter_on_the_same_base_reuses_the_loaded_base(tmp_path, embedde
     two = last(stream_compare(pool, second, messages, messages, "model", GREEDY))
     assert pool.loaded.model is model and list(model.peft_config) == [pool.loaded.adapter_name]
     assert two.base == one.base  # still the same base model underneath
+
+    # A run that saves a newer adapter (resumed, trained more) is picked up on the next message.
+    assert not pool.needs_load(second)
+    weights = Path(second.adapter_path) / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert pool.needs_load(second)
 
 
 def test_generation_settings_name_the_bad_field():

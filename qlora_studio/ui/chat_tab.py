@@ -111,6 +111,10 @@ def send(pool: ModelPool, source: str, state: dict | None, message: str, system:
         base_messages = build_messages(state["base"], message, system or "")
         adapted_messages = build_messages(state["adapted"], message, system or "")
         user = {"role": "user", "content": message}
+        # Show the question at once, and store the session's owner id before anything can be stopped.
+        pending = [user, {"role": "assistant", "content": ""}]
+        yield (state, state["base"] + pending, state["adapted"] + pending, state["raw"][0], state["raw"][1],
+               "Waiting for the model…", "")
         for step in stream_compare(pool, info, base_messages, adapted_messages, template or info.template, settings,
                                    owner=state["owner"]):
             turn = {"owner": state["owner"],
