@@ -284,10 +284,12 @@ class MemoryEstimate:
     params: ParamCount
     compute_dtype: str
     notes: list[str] = field(default_factory=list)
+    load_peak: int = 0    # memory needed while loading, when that is more than training (FSDP, see below)
 
     @property
     def total(self) -> int:
-        return self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.overhead
+        training = self.weights + self.adapter + self.gradients + self.optimizer + self.activations + self.overhead
+        return max(training, self.load_peak)
 
     @property
     def fits(self) -> bool:
@@ -335,8 +337,15 @@ def _optimizer_bytes(optimizer: str, trainable: int, param_bytes: int, layers: l
     return 0  # sgd without momentum keeps no state
 
 
-def estimate_memory(shape: ModelShape, config: StudioConfig, hardware) -> MemoryEstimate:
-    """Peak memory of training `config` on `hardware` (a models.Hardware)."""
+def estimate_memory(shape: ModelShape, config: StudioConfig, hardware, *, gpus: int = 1,
+                    fsdp: bool = False) -> MemoryEstimate:
+    """Peak memory per device of training `config` on `hardware` (a models.Hardware).
+
+    With `gpus` > 1 each GPU runs one process on its own micro-batches. DDP keeps a whole copy
+    of the model on each GPU, plus its gradient buckets (a second copy of the LoRA gradients);
+    FSDP shards the base, adapter, gradients and optimizer state across the GPUs and gathers
+    one decoder layer at a time (two with prefetching) for its forward and backward.
+    """
     from .models import resolve_compute_dtype
 
     notes = []
@@ -375,17 +384,35 @@ def estimate_memory(shape: ModelShape, config: StudioConfig, hardware) -> Memory
         activations = layer_full * shape.layers
     activations += tokens * shape.vocab * (act_bytes + 8)
 
+    gpus = max(int(gpus or 1), 1)
+    load_peak = 0
+    if gpus > 1 and fsdp:
+        # Each GPU loads the whole 4-bit base before FSDP shards it (transformers quantizes onto
+        # the rank's device): that much must fit on one GPU, however many share the training.
+        load_peak = int(weights + (CUDA_CONTEXT_BYTES if hardware.device == "cuda" else CPU_RUNTIME_BYTES))
+        layer = (weights - plain) / max(shape.layers, 1)  # one decoder layer's quantized weights
+        weights = weights / gpus + 2 * layer
+        adapter, gradients, optimizer = adapter / gpus, gradients / gpus, optimizer / gpus
+        notes.append(f"FSDP over {gpus} GPUs: base, adapter, gradients and optimizer state are sharded; "
+                     "the figure is per GPU")
+    elif gpus > 1:
+        gradients *= 2
+        notes.append(f"DDP over {gpus} GPUs: each GPU holds the whole model; the figure is per GPU, and the "
+                     f"effective batch is {gpus}x train.batch_size x train.grad_accum")
     subtotal = weights + adapter + gradients + optimizer + activations
     if hardware.device == "cuda":
         overhead = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * subtotal)
     else:
         overhead = CPU_RUNTIME_BYTES
+    if load_peak > subtotal + overhead:
+        notes.append(f"loading needs more than training: each GPU first holds the whole 4-bit base "
+                     f"({format_bytes(load_peak)} with the runtime), then keeps its shard")
     if t.packing:
         notes.append("packing fills every sequence to max_length, so activations are at the estimate")
     return MemoryEstimate(weights=int(weights), adapter=int(adapter), gradients=int(gradients),
                           optimizer=int(optimizer), activations=int(activations), overhead=int(overhead),
                           available=int(hardware.memory_gb * GIB), device=hardware.device, params=params,
-                          compute_dtype=dtype, notes=notes)
+                          compute_dtype=dtype, notes=notes, load_peak=load_peak)
 
 
 def memory_advice(estimate: MemoryEstimate, config: StudioConfig) -> list[str]:
@@ -426,6 +453,49 @@ def hardware_problems(config: StudioConfig, hardware) -> list[ConfigError]:
         if config.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"):
             problems.append(ConfigError("train.optimizer", f"{config.train.optimizer} needs bitsandbytes' CUDA "
                                         "kernels; on CPU use adamw_torch"))
+    return problems
+
+
+def scale_problems(config: StudioConfig, hardware, gpus: int, fsdp: bool = False) -> list[ConfigError]:
+    """A launch on `gpus` processes (one per GPU; CPU processes on a machine without GPUs) that cannot run."""
+    problems = []
+    if gpus < 1:
+        problems.append(ConfigError("gpus", f"must be 1 or more, got {gpus}"))
+    elif hardware.device == "cuda" and gpus > max(hardware.gpu_count, 1):
+        problems.append(ConfigError("gpus", f"{gpus} GPUs asked for, {hardware.gpu_count} visible"))
+    if fsdp:
+        if gpus < 2:
+            problems.append(ConfigError("fsdp", "FSDP shards the model across GPUs: use 2 or more"))
+        problems += fsdp_problems(config, hardware)
+    return problems
+
+
+def fsdp_problems(config: StudioConfig, hardware) -> list[ConfigError]:
+    """Settings FSDP + QLoRA cannot train (see the README's "Several GPUs"), each naming its field.
+
+    FSDP shards only floating-point tensors of one dtype, so the 4-bit weights are stored in the
+    compute dtype (bnb_4bit_quant_storage, set in models.quantization_config) and the model
+    loads in it too: that has to be bf16, as fp16 storage would need fp32 for stable mixed precision.
+    """
+    from .models import resolve_compute_dtype
+
+    problems = []
+    if hardware.device != "cuda":
+        problems.append(ConfigError("fsdp", "FSDP needs CUDA GPUs"))
+        return problems
+    if config.quant.type == "int8":
+        problems.append(ConfigError("quant.type", "8-bit (LLM.int8) layers cannot be sharded by FSDP; use nf4, "
+                                    "fp4 or none"))
+    try:
+        dtype = resolve_compute_dtype(config.quant.compute_dtype, hardware)
+    except ConfigError:
+        dtype = None  # hardware_problems reports it
+    if dtype is not None and dtype != "bf16" and config.quant.type != "none":
+        problems.append(ConfigError("quant.compute_dtype", f"FSDP + QLoRA stores the 4-bit weights in the compute "
+                                    f"dtype and needs bf16 (Ampere or newer GPUs), not {dtype}"))
+    if config.train.optimizer == "paged_adamw_8bit":
+        problems.append(ConfigError("train.optimizer", "paged_adamw_8bit fails to save FSDP checkpoints; use "
+                                    "adamw_torch or paged_adamw_32bit"))
     return problems
 
 

@@ -2,8 +2,10 @@
 
 A run is launched as `python -m qlora_studio.cli train ...`, the same command a user types,
 in its own process group: an out-of-memory kill or a crash ends the run, not the app, and
-an app restart or closed browser leaves it running. A small JSON file in the runs folder
-names the active run, so every app process and browser session sees the same trainer.
+an app restart or closed browser leaves it running. On several GPUs it is the same command with
+`--gpus N [--fsdp]`, which starts one process per GPU through accelerate launch and stays their
+parent, so the pid watched here still lives exactly as long as the run. A small JSON file in the
+runs folder names the active run, so every app process and browser session sees the same trainer.
 """
 
 from __future__ import annotations
@@ -68,8 +70,12 @@ class TrainerSupervisor:
         return (f"Another training is running on this machine: {Path(info['run_dir']).name}{step}, "
                 f"started {info.get('started_at', '')}. Wait for it, or stop it from the Train tab.")
 
-    def start(self, config: StudioConfig, *, extra_env: dict | None = None) -> Path:
-        """Launch a new run of `config` in runs_root; raise TrainerBusy if one is running."""
+    def start(self, config: StudioConfig, *, extra_env: dict | None = None, gpus: int = 1,
+              fsdp: bool = False) -> Path:
+        """Launch a new run of `config` in runs_root; raise TrainerBusy if one is running.
+
+        `gpus` > 1 trains on that many GPUs (DDP), `fsdp` shards the model across them.
+        """
         with self._locked():
             info = self.active()
             if info:
@@ -81,10 +87,16 @@ class TrainerSupervisor:
                 raise TrainerBusy(f"A run named {name} already exists; pick another name or resume it")
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / "config.yaml")
-            return self._launch(run_dir, ["train", str(run_dir / "config.yaml")], extra_env)
+            return self._launch(run_dir, ["train", str(run_dir / "config.yaml"), *_scale_args(gpus, fsdp)],
+                                extra_env)
 
-    def resume(self, run_dir: str | Path, *, extra_env: dict | None = None) -> Path:
+    def resume(self, run_dir: str | Path, *, extra_env: dict | None = None, gpus: int | None = None,
+               fsdp: bool | None = None) -> Path:
+        """Continue a stopped or failed run; by default on as many GPUs (and FSDP or not) as it ran on."""
         run_dir = Path(run_dir)
+        ran = read_json(run_dir / "run.json")
+        gpus = int(ran.get("world_size") or 1) if gpus is None else gpus
+        fsdp = ran.get("parallelism") == "fsdp" if fsdp is None else fsdp
         with self._locked():
             info = self.active()
             if info:
@@ -92,7 +104,7 @@ class TrainerSupervisor:
             state = read_status(run_dir).get("state")
             if state == "completed":
                 raise TrainerBusy(f"{run_dir.name} already completed; nothing to resume")
-            return self._launch(run_dir, ["train", str(run_dir), "--resume"], extra_env)
+            return self._launch(run_dir, ["train", str(run_dir), "--resume", *_scale_args(gpus, fsdp)], extra_env)
 
     def _launch(self, run_dir: Path, args: list[str], extra_env: dict | None) -> Path:
         env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
@@ -123,3 +135,11 @@ class TrainerSupervisor:
         for proc in list(self._children.values()):
             proc.wait(timeout=timeout)
         self._reap()
+
+
+def _scale_args(gpus: int, fsdp: bool) -> list[str]:
+    """`qlora-studio train` options for a launch on several GPUs; none for one."""
+    gpus = int(gpus or 1)
+    if gpus <= 1 and not fsdp:
+        return []
+    return ["--gpus", str(gpus), *(["--fsdp"] if fsdp else [])]

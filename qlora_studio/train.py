@@ -78,6 +78,11 @@ class _StopFlag:
         self.stop_file = run_dir / STOP_FILE
         self.signalled = False
         self.training_started = False
+        self.finishing = False  # recording the outcome: a signal now must not cut that short
+        self._signalled_at = 0.0
+        # In a multi-process run every rank must stop at the same step (or DDP waits forever for
+        # the ones that stopped): run_training replaces this with a vote across the ranks.
+        self.any_rank = lambda flag: flag
 
     def install(self) -> None:
         self._previous = {}
@@ -94,15 +99,23 @@ class _StopFlag:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        if self.finishing:
+            return
+        if self.signalled and time.monotonic() - self._signalled_at < 2:
+            return  # the same request twice: a terminal's Ctrl-C, forwarded again by torchrun/accelerate
         if self.signalled or not self.training_started:
             # A second signal, or one before training began, ends the process now.
             raise KeyboardInterrupt
-        self.signalled = True
+        self.signalled, self._signalled_at = True, time.monotonic()
         log.warning("received %s: saving the adapter at the end of this step", signal.Signals(signum).name)
 
     @property
     def requested(self) -> bool:
         return self.signalled or self.stop_file.exists()
+
+    def agreed(self) -> bool:
+        """Stop now? In a multi-process run, a collective every rank calls at the same step."""
+        return self.any_rank(self.requested)
 
 
 def _make_callback(run_dir: Path, status: RunStatus, stop: _StopFlag, resume_step: int):
@@ -118,8 +131,11 @@ def _make_callback(run_dir: Path, status: RunStatus, stop: _StopFlag, resume_ste
             self.last_t = self.t0
             self.last_tokens = None
             self.bad_loss = None
+            self.primary = True
 
         def _append(self, row: dict) -> None:
+            if not self.primary:
+                return  # every rank sees the same gathered metrics; rank 0 alone writes them
             with open(metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
 
@@ -129,12 +145,13 @@ def _make_callback(run_dir: Path, status: RunStatus, stop: _StopFlag, resume_ste
             status.update(max_steps=state.max_steps, step=state.global_step)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if stop.requested:
+            if stop.agreed():
                 control.should_training_stop = True
                 control.should_save = True  # a resumable checkpoint at exactly this step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
+            self.primary = state.is_world_process_zero
             now = time.monotonic()
             elapsed = now - self.t0
             base = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "elapsed_s": round(elapsed, 2),
@@ -195,11 +212,14 @@ def _teardown_logging(handler: logging.Handler) -> None:
     handler.close()
 
 
-def save_adapter_atomically(model, tokenizer, target: Path, base_name: str) -> None:
-    """Write the adapter beside its destination, then swap it in: a crash leaves the old one whole."""
+def save_adapter_atomically(model, tokenizer, target: Path, base_name: str, state_dict: dict | None = None) -> None:
+    """Write the adapter beside its destination, then swap it in: a crash leaves the old one whole.
+
+    `state_dict`: the full weights gathered from an FSDP-sharded model (see _save_final_adapter).
+    """
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     # adapter_config.json should name the public base, not this machine's cache folder.
     config_path = tmp / "adapter_config.json"
@@ -374,36 +394,43 @@ def _truncate(dataset, max_length: int):
 def run_training(config: StudioConfig, *, resume: bool = False, preset: str = "") -> Path:
     """Train; return the run folder. Raises TrainingFailed/TrainingStopped after recording the outcome.
 
-    `preset` names the preset the config came from, for the run history and model card.
+    `preset` names the preset the config came from, for the run history and model card. Under
+    torchrun or accelerate launch every rank runs this; rank 0 alone writes the run folder.
     """
-    config, run_dir = prepare_run(config, resume)
-    if resume:
-        saved = StudioConfig.load(run_dir)
-        # The saved config is the run; only the step budget may be raised when continuing.
-        if config.train.max_steps != saved.train.max_steps or config.train.epochs != saved.train.epochs:
-            saved = saved.with_overrides([f"train.max_steps={config.train.max_steps}",
-                                          f"train.epochs={config.train.epochs}"])
-        config = saved
+    dist = _Distributed()
+    dist.init()
+    config, run_dir = dist.agree_on_run(config, resume)
     _clear_stale_stop(run_dir)
-    handler = _setup_logging(run_dir)
-    status = RunStatus(run_dir)
+    if dist.primary:
+        _clear_stale_failures(run_dir)
+    handler = _setup_logging(run_dir) if dist.primary else _replica_logging(run_dir, dist.rank)
+    status = (_SharedStatus(run_dir) if dist.active else RunStatus(run_dir)) if dist.primary else _ReplicaStatus()
     stop = _StopFlag(run_dir)
+    stop.any_rank = dist.any
     stop.install()
     run_info = read_json(run_dir / "run.json") if resume else {}
     run_info.setdefault("started_at", now_iso())
     if preset:
         run_info["preset"] = preset
     run_info["versions"] = _versions()
+    run_info.update(world_size=dist.world_size, parallelism=dist.mode)
     checkpoint = last_checkpoint(run_dir) if resume else None
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     if resume:
-        _truncate_metrics(run_dir, resume_step)
+        if dist.primary:
+            _truncate_metrics(run_dir, resume_step)
         log.info("resuming %s from %s", run_dir, checkpoint.name if checkpoint else "the start (no checkpoint yet)")
+    if dist.active:
+        log.info("%d processes (%s); rank 0 writes the run folder", dist.world_size, dist.mode)
     trainer = None
+    ended_well = False  # completed or stopped: then the ranks leave together (_Distributed.finish)
     try:
+        dist.check(config)
         trainer, tokenizer, config = build_trainer(config, run_dir, status, stop, resume_step, run_info)
-        config.save(run_dir / "config.yaml", header=f"# qlora-studio train {run_dir} --resume  (continues this run)")
-        write_json_atomic(run_dir / "run.json", run_info)
+        if dist.primary:
+            config.save(run_dir / "config.yaml",
+                        header=f"# qlora-studio train {run_dir} --resume  (continues this run)")
+            write_json_atomic(run_dir / "run.json", run_info)
         started = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         _record_cost(run_info, trainer, time.perf_counter() - started)
@@ -414,22 +441,30 @@ def run_training(config: StudioConfig, *, resume: bool = False, preset: str = ""
             raise TrainingFailed(f"loss became {value} at step {step}; try a lower learning rate"
                                  + (f" (last good checkpoint: {good.name})" if good else ""))
         step = trainer.state.global_step
-        stopped = stop.requested and step < trainer.state.max_steps
+        stopped = stop.agreed() and step < trainer.state.max_steps
         if not stopped and trainer.eval_dataset is not None:
             rows, _ = read_metrics(run_dir)
-            if not any(r.get("type") == "eval" and r.get("step") == step for r in rows):
+            # evaluate() is collective: the ranks go by what rank 0 finds in the metrics it wrote.
+            if dist.agree(not any(r.get("type") == "eval" and r.get("step") == step for r in rows)):
                 trainer.evaluate()
-        save_adapter_atomically(trainer.model, tokenizer, run_dir / "adapter", run_info["model"]["display_name"])
+        _save_final_adapter(trainer, tokenizer, run_dir / "adapter", run_info["model"]["display_name"], dist)
         if stopped:
             status.finish("stopped", f"stopped at step {step} of {trainer.state.max_steps}; adapter saved, "
                           "resume to continue")
+            ended_well = True
             raise TrainingStopped(status.data["reason"])
         status.finish("completed", f"finished {step} steps")
         log.info("completed: adapter saved to %s", run_dir / "adapter")
+        ended_well = True
         return run_dir
     except TrainingStopped:
         raise
     except KeyboardInterrupt:
+        stop.finishing = True
+        peer = dist.peer_failure(run_dir) if dist.active else None  # a launcher ending us for a failed rank
+        if peer:
+            status.finish("failed", peer)
+            raise TrainingFailed(peer) from None
         status.finish("stopped", "interrupted before training started" if not stop.training_started
                       else "interrupted")
         raise TrainingStopped(status.data["reason"]) from None
@@ -437,6 +472,7 @@ def run_training(config: StudioConfig, *, resume: bool = False, preset: str = ""
         status.finish("failed", f"invalid config: {e}")
         raise
     except Exception as e:
+        stop.finishing = True
         if isinstance(e, TrainingFailed):
             reason = str(e)
         elif _is_oom(e):
@@ -446,16 +482,32 @@ def run_training(config: StudioConfig, *, resume: bool = False, preset: str = ""
         else:
             reason = f"{type(e).__name__}: {e}"
         log.exception("run failed: %s", reason)
+        reason = dist.explain_failure(run_dir, e, reason)
         status.finish("failed", reason)
-        if isinstance(e, TrainingFailed):
+        if isinstance(e, TrainingFailed) and str(e) == reason:
             raise
         raise TrainingFailed(reason) from e
     finally:
         stop.uninstall()
-        if run_info.get("model"):
+        if run_info.get("model") and dist.primary:
             run_info["finished_at"] = now_iso()
             write_json_atomic(run_dir / "run.json", run_info)
         _teardown_logging(handler)
+        if ended_well:
+            dist.finish()
+
+
+def _resolve_run(config: StudioConfig, resume: bool) -> tuple[StudioConfig, Path]:
+    """The run folder and the config to run: for a resume, the saved config of that folder wins."""
+    config, run_dir = prepare_run(config, resume)
+    if resume:
+        saved = StudioConfig.load(run_dir)
+        # The saved config is the run; only the step budget may be raised when continuing.
+        if config.train.max_steps != saved.train.max_steps or config.train.epochs != saved.train.epochs:
+            saved = saved.with_overrides([f"train.max_steps={config.train.max_steps}",
+                                          f"train.epochs={config.train.epochs}"])
+        config = saved
+    return config, run_dir
 
 
 def _clear_stale_stop(run_dir: Path) -> None:
@@ -497,3 +549,233 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
+
+
+# -- several processes: torchrun / accelerate launch ---------------------------------------------
+# Every rank runs run_training; rank 0 alone writes the run folder. A rank that fails records why
+# in failed-rank-N.json (and in status.json when rank 0 has not recorded an outcome yet), so the
+# run ends "failed" naming the rank even when rank 0 is stuck in a collective and gets killed.
+
+FAILED_RANK_GLOB = "failed-rank-*.json"
+
+
+class _Distributed:
+    """This process's place in a multi-process run; a no-op stand-in for a single process."""
+
+    def __init__(self):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.peers: list = []  # (host, pid) of each rank, for telling which one died
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def mode(self) -> str:
+        """'fsdp' under an accelerate FSDP config, 'ddp' for other multi-process runs, else 'single'."""
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return "fsdp"
+        return "ddp" if self.active else "single"
+
+    def init(self) -> None:
+        """Join the process group now, as the Trainer would later, so ranks can agree before it exists."""
+        if not self.active:
+            return
+        import socket
+
+        import torch
+        import torch.distributed as td
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())  # the backend accelerate picks: nccl, or gloo on CPU
+        self.peers = [None] * self.world_size
+        td.all_gather_object(self.peers, (socket.gethostname(), os.getpid()))
+
+    def agree(self, value):
+        """Rank 0's value, on every rank."""
+        if not self.active:
+            return value
+        import torch.distributed as td
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank."""
+        if not self.active:
+            return flag
+        import torch
+        import torch.distributed as td
+        from accelerate import PartialState
+
+        vote = torch.tensor([1 if flag else 0], device=PartialState().device)
+        td.all_reduce(vote, op=td.ReduceOp.MAX)
+        return bool(vote.item())
+
+    def agree_on_run(self, config: StudioConfig, resume: bool) -> tuple[StudioConfig, Path]:
+        """Rank 0 picks and checks the run folder and config; the others take its answer, or its error."""
+        if not self.active:
+            return _resolve_run(config, resume)
+        answer = None
+        if self.primary:
+            try:
+                resolved, _ = _resolve_run(config, resume)
+                answer = ("ok", resolved.to_dict())
+            except ConfigError as e:
+                answer = ("error", e.field, e.reason)
+        answer = self.agree(answer)
+        if answer[0] == "error":
+            raise ConfigError(answer[1], answer[2])
+        config = StudioConfig.from_dict(answer[1])
+        return config, run_dir_for(config)
+
+    def check(self, config: StudioConfig) -> None:
+        """Settings FSDP cannot run, refused before any model loads."""
+        if self.mode == "fsdp":
+            from .estimate import fsdp_problems
+            from .models import detect_hardware
+            problems = fsdp_problems(config, detect_hardware())
+            if problems:
+                raise problems[0]
+
+    def finish(self) -> None:
+        """The run ended well: wait until rank 0 has written its outcome, then leave the group.
+
+        Without the wait a rank that exits first (with code 3 for a stop) makes the launcher kill
+        rank 0 while it is still saving.
+        """
+        if not self.active:
+            return
+        import torch.distributed as td
+        td.barrier()
+        td.destroy_process_group()
+
+    # -- failures
+
+    def explain_failure(self, run_dir: Path, error: BaseException, reason: str) -> str:
+        """The reason to record for a failure on this rank: its own, or the failure of a peer it led to."""
+        if not self.active or isinstance(error, TrainingFailed):
+            return reason  # TrainingFailed (a diverged loss) comes from gathered values: every rank sees it
+        if _is_comm_error(error):
+            # A collective fails on every rank once one rank is gone: name that rank instead.
+            peer = self.peer_failure(run_dir, wait=5.0)
+            if peer:
+                return peer
+        reason = f"rank {self.rank}: {reason}"
+        if not self.primary:
+            _record_failure(run_dir, self.rank, reason)
+        return reason
+
+    def peer_failure(self, run_dir: Path, wait: float = 0.0) -> str | None:
+        """'rank N: reason' for a peer that recorded its failure or whose process is gone, else None."""
+        import socket
+
+        from .runs import pid_alive
+
+        host = socket.gethostname()
+        deadline = time.monotonic() + wait
+        while True:
+            recorded = _recorded_failure(run_dir, exclude=self.rank)
+            if recorded:
+                return recorded
+            dead = [rank for rank, peer in enumerate(self.peers)
+                    if rank != self.rank and peer and peer[0] == host and not pid_alive(peer[1])]
+            if dead:
+                reason = f"rank {dead[0]}: its process ended unexpectedly (killed, or out of memory)"
+                if not self.primary:  # rank 0 may be the one that died: someone must say so
+                    _record_failure(run_dir, self.rank, reason)
+                return reason
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.2)
+
+
+def _is_comm_error(error: BaseException) -> bool:
+    """An error a collective raises because another rank went away (gloo, NCCL, the store)."""
+    import torch.distributed as td
+
+    if isinstance(error, getattr(td, "DistError", ())):
+        return True
+    text = f"{type(error).__name__}: {error}".lower()
+    return any(mark in text for mark in ("gloo", "nccl", "connection closed", "connection reset", "broken pipe",
+                                         "by peer", "timed out"))
+
+
+def _record_failure(run_dir: Path, rank: int, reason: str) -> None:
+    """A rank other than 0 failed: say so where rank 0 (and, if rank 0 is gone, every reader) will see it."""
+    write_json_atomic(run_dir / f"failed-rank-{rank}.json", {"rank": rank, "reason": reason, "pid": os.getpid(),
+                                                               "time": now_iso()})
+    status = read_json(run_dir / "status.json")
+    if status.get("state") in (None, "running"):
+        status.update(state="failed", reason=reason, finished_at=now_iso(), updated_at=now_iso())
+        write_json_atomic(run_dir / "status.json", status)
+
+
+def _recorded_failure(run_dir: Path, exclude: int | None = None) -> str | None:
+    """The earliest failure another rank recorded in this run folder."""
+    found = []
+    for path in Path(run_dir).glob(FAILED_RANK_GLOB):
+        data = read_json(path)
+        if data.get("reason") and data.get("rank") != exclude:
+            found.append((data.get("time", ""), data["reason"]))
+    return min(found)[1] if found else None
+
+
+def _clear_stale_failures(run_dir: Path) -> None:
+    """Failures recorded by an earlier process of this run (before a resume) are not this one's."""
+    import psutil
+    started = psutil.Process().create_time()
+    for path in Path(run_dir).glob(FAILED_RANK_GLOB):
+        try:
+            if path.stat().st_mtime < started:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class _SharedStatus(RunStatus):
+    """status.json of a multi-process run, written by rank 0: a failure another rank recorded wins."""
+
+    def write(self) -> None:
+        peer = _recorded_failure(self.path.parent, exclude=0)
+        if peer:
+            self.data.update(state="failed", reason=peer, finished_at=self.data.get("finished_at") or now_iso())
+        super().write()
+
+
+class _ReplicaStatus:
+    """What ranks other than 0 hold instead of RunStatus: they write no status."""
+
+    def __init__(self):
+        self.data = {"state": "running", "reason": ""}
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+
+    def finish(self, state: str, reason: str) -> None:
+        self.data.update(state=state, reason=reason)
+
+
+def _replica_logging(run_dir: Path, rank: int) -> logging.Handler:
+    """Ranks other than 0 add only their errors to train.log; rank 0 writes the rest."""
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setLevel(logging.ERROR)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s"))
+    logging.getLogger("qlora_studio").addHandler(handler)
+    return handler
+
+
+def _save_final_adapter(trainer, tokenizer, target: Path, base_name: str, dist: _Distributed) -> None:
+    """Rank 0 writes the adapter; under FSDP every rank first helps gather the sharded weights."""
+    state_dict = None
+    model = trainer.model
+    if getattr(trainer, "is_fsdp_enabled", False):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)  # collective: all ranks call it
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    if dist.primary:
+        save_adapter_atomically(model, tokenizer, target, base_name, state_dict=state_dict)

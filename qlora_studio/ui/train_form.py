@@ -246,6 +246,16 @@ def train_command(config: StudioConfig, preset: str | None, presets_dir: Path = 
     return f"qlora-studio train presets/{preset}.yaml" + (f" {sets}" if sets else "")
 
 
+def with_scale(command: str, gpus: int = 1, fsdp: bool = False) -> str:
+    """The train command with the launch on several GPUs added (`--gpus N [--fsdp]`), before any comment."""
+    gpus = int(gpus or 1)
+    if gpus <= 1 and not fsdp:
+        return command
+    flags = f" --gpus {gpus}" + (" --fsdp" if fsdp else "")
+    body, sep, comment = command.partition("    #")
+    return body.rstrip() + flags + (f"    #{comment}" if sep else "")
+
+
 def config_yaml(config: StudioConfig, preset: str | None) -> str:
     header = "# qlora-studio train config.yaml" + (f"   (from preset {preset})" if preset else "")
     return config.to_yaml(header=header)

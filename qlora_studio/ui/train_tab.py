@@ -17,7 +17,7 @@ import gradio as gr
 
 from ..config import ConfigError, StudioConfig
 from ..estimate import (estimate_memory, format_bytes, format_count, hardware_problems, load_model_config,
-                        memory_advice, model_shape, unknown_targets)
+                        memory_advice, model_shape, scale_problems, unknown_targets)
 from ..paths import PRESETS_DIR
 from ..runs import list_runs, read_json, read_metrics, read_status, write_json_atomic
 from ..supervisor import TrainerBusy
@@ -78,14 +78,21 @@ def _modules_update(values: list) -> list:
 
 # -- checks before launch ---------------------------------------------------------------------------
 
-def check_config(ctx, values: Sequence) -> tuple[StudioConfig | None, list[ConfigError], object]:
-    """(config or None, problems naming fields, MemoryEstimate or an explanation string)."""
+def check_config(ctx, values: Sequence, gpus: int = 1,
+                 fsdp: bool = False) -> tuple[StudioConfig | None, list[ConfigError], object]:
+    """(config or None, problems naming fields, MemoryEstimate or an explanation string).
+
+    `gpus`, `fsdp`: the launch on several GPUs picked next to the form (shown with 2+ GPUs only).
+    """
     try:
         config = form.form_to_config(values)
     except ConfigError as e:
         return None, [e], ""
     hw = _hardware(ctx)
+    gpus = int(gpus or 1)
     problems = hardware_problems(config, hw)
+    if gpus != 1 or fsdp:
+        problems += scale_problems(config, hw, gpus, bool(fsdp))
     try:
         shape = _shape_of(config)
     except Exception as e:  # an estimate is advice: its absence never blocks a run
@@ -94,7 +101,7 @@ def check_config(ctx, values: Sequence) -> tuple[StudioConfig | None, list[Confi
     if missing:
         problems.append(ConfigError("lora.target_modules", f"{', '.join(missing)} not in this model; its linear "
                                     f"layers are {', '.join(shape.module_names())}"))
-    return config, problems, estimate_memory(shape, config, hw)
+    return config, problems, estimate_memory(shape, config, hw, gpus=gpus, fsdp=bool(fsdp) and gpus > 1)
 
 
 def validation_html(problems: list[ConfigError]) -> str:
@@ -104,7 +111,7 @@ def validation_html(problems: list[ConfigError]) -> str:
     return f'<div class="qs-validation qs-error" style="color:#dc2626"><ul style="margin:0">{items}</ul></div>'
 
 
-def estimate_html(estimate, config: StudioConfig | None, hw) -> str:
+def estimate_html(estimate, config: StudioConfig | None, hw, gpus: int = 1) -> str:
     if config is None:
         return ""
     if isinstance(estimate, str):
@@ -112,6 +119,8 @@ def estimate_html(estimate, config: StudioConfig | None, hw) -> str:
     p = estimate.params
     where = (f"{hw.name} ({format_bytes(estimate.available)})" if estimate.device == "cuda"
              else f"CPU RAM ({format_bytes(estimate.available)})")
+    if estimate.device == "cuda" and int(gpus or 1) > 1:
+        where = f"each of {int(gpus)} × {where}"
     rows = "".join(f"<tr><td>{k}</td><td style='text-align:right'>{format_bytes(v)}</td></tr>"
                    for k, v in estimate.breakdown())
     verdict_color = {"ok": "#16a34a", "tight": "#b45309", "too_big": "#dc2626"}[estimate.level]
@@ -132,13 +141,13 @@ def estimate_html(estimate, config: StudioConfig | None, hw) -> str:
     return out + "</div>"
 
 
-def preview(ctx, values: Sequence, preset: str | None):
+def preview(ctx, values: Sequence, preset: str | None, gpus: int = 1, fsdp: bool = False):
     """On every form change: (validation html, estimate html, YAML, command)."""
-    config, problems, estimate = check_config(ctx, values)
+    config, problems, estimate = check_config(ctx, values, gpus, fsdp)
     if config is None:
         return validation_html(problems), "", gr.skip(), gr.skip()
-    return (validation_html(problems), estimate_html(estimate, config, _hardware(ctx)),
-            form.config_yaml(config, preset), form.train_command(config, preset))
+    return (validation_html(problems), estimate_html(estimate, config, _hardware(ctx), gpus),
+            form.config_yaml(config, preset), form.with_scale(form.train_command(config, preset), gpus, fsdp))
 
 
 # -- presets, data, loading configs ---------------------------------------------------------------
@@ -211,15 +220,18 @@ def load_run_config(ctx, name: str) -> list:
 
 # -- train / stop / resume ------------------------------------------------------------------------------
 
-def start_training(ctx, values: Sequence, preset: str | None = None):
+def start_training(ctx, values: Sequence, preset: str | None = None, gpus: int = 1, fsdp: bool = False):
     """Train click: (message html, watch or skip, session run or skip)."""
     if ctx.settings.demo:
         return _message("warn", DEMO_MESSAGE), gr.skip(), gr.skip()
-    config, problems, estimate = check_config(ctx, values)
+    config, problems, estimate = check_config(ctx, values, gpus, fsdp)
     if problems:
         return _message("error", "Not started: " + "; ".join(_problem_html(p) for p in problems)), gr.skip(), gr.skip()
+    gpus = int(gpus or 1)
     try:
-        run_dir = ctx.trainer.start(config)
+        # Several GPUs: the same command through accelerate launch, one process per GPU.
+        scale = {"gpus": gpus, "fsdp": bool(fsdp)} if gpus > 1 else {}
+        run_dir = ctx.trainer.start(config, **scale)
     except TrainerBusy as e:
         return _message("warn", html.escape(str(e))), gr.skip(), gr.skip()
     write_json_atomic(run_dir / LAUNCH_FILE, {"preset": preset or ""})
@@ -423,6 +435,24 @@ def _form_layout(values: list) -> dict:
     return comps
 
 
+def scale_controls_visible(hw) -> bool:
+    """'GPUs to use' and FSDP are offered only where more than one GPU is visible."""
+    return hw.device == "cuda" and hw.gpu_count > 1
+
+
+def _scale_controls(hw):
+    """(GPUs to use, FSDP): hidden, at 1 GPU and off, on a machine with fewer than two GPUs."""
+    with gr.Row(visible=scale_controls_visible(hw), equal_height=True):
+        gpus = gr.Dropdown(choices=list(range(1, max(hw.gpu_count, 1) + 1)), value=1, label="GPUs to use",
+                           info="One training process per GPU (DDP, through accelerate launch): each GPU holds "
+                                "the 4-bit model and trains on its own batches, so the effective batch grows "
+                                "and an epoch takes fewer steps.")
+        fsdp = gr.Checkbox(value=False, label="FSDP: shard the model across the GPUs",
+                           info="For a model that does not fit on one GPU next to its training state: FSDP + "
+                                "QLoRA splits the 4-bit base, adapter and optimizer over the GPUs. Needs bf16.")
+    return gpus, fsdp
+
+
 def build_tab(ctx, session) -> None:
     """The Train tab's components and events; call inside `with gr.Tab("Train"):`."""
     values, preset = initial_values(ctx)
@@ -444,6 +474,7 @@ def build_tab(ctx, session) -> None:
         with gr.Column(scale=3):
             comps = _form_layout(values)
         with gr.Column(scale=2):
+            gpus_dd, fsdp_cb = _scale_controls(hw)
             estimate = gr.HTML(first[1])
             with gr.Row():
                 train_btn = gr.Button("Train", variant="primary")
@@ -474,8 +505,9 @@ def build_tab(ctx, session) -> None:
     timer = gr.Timer(0.5)
 
     # -- events
-    gr.on([c.change for c in inputs] + [preset_dd.change], lambda p, *v: preview(ctx, v, p),
-          inputs=[preset_dd, *inputs], outputs=[validation, estimate, yaml_code, command],
+    scale = [gpus_dd, fsdp_cb]  # after the form's values: (..., gpus, fsdp)
+    gr.on([c.change for c in inputs + scale] + [preset_dd.change], lambda p, *v: preview(ctx, v[:-2], p, *v[-2:]),
+          inputs=[preset_dd, *inputs, *scale], outputs=[validation, estimate, yaml_code, command],
           trigger_mode="always_last", show_progress="hidden", concurrency_limit=4, api_name="train_preview")
     preset_dd.input(lambda name, data: on_preset(ctx, name, data), inputs=[preset_dd, session.data], outputs=inputs,
                     api_name="train_load_preset")
@@ -487,7 +519,7 @@ def build_tab(ctx, session) -> None:
     save_btn.click(lambda name, *v: on_save_preset(name, v), inputs=[preset_name, *inputs],
                    outputs=[save_msg, preset_dd], api_name="train_save_preset")
 
-    train_btn.click(lambda p, *v: start_training(ctx, v, p), inputs=[preset_dd, *inputs],
+    train_btn.click(lambda p, *v: start_training(ctx, v[:-2], p, *v[-2:]), inputs=[preset_dd, *inputs, *scale],
                     outputs=[train_msg, watch, session.run], api_name="train_start")
     stop_btn.click(lambda w: stop_training(ctx, w), inputs=watch, outputs=train_msg, api_name="train_stop")
     resume_btn.click(lambda n: resume_training(ctx, n), inputs=run_dd, outputs=[train_msg, watch, session.run],
