@@ -87,7 +87,7 @@ def watch_until(ctx, watch, done, timeout=420):
     history = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = tab.tick(ctx, watch)
+        out = tab.paced_tick(ctx, watch)
         history.append(out)
         if not is_skip(out[0]):
             watch = out[0]
@@ -331,6 +331,9 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
     resumed, _ = watch_until(ctx, resumed, finished, timeout=60)
     for w in (watch_a, watch_b, resumed):
         assert [r["step"] for r in w["rows"] if r["type"] == "train"] == [1, 2, 3, 4, 5]
+    # The page polls often while the run it shows runs, and slows down once it is over.
+    paces = [o[8].value for o in outputs if not is_skip(o[8])]
+    assert paces == [tab.POLL_RUNNING_S, tab.POLL_IDLE_S], paces
     last = {i: next(o[i] for o in reversed(outputs) if not is_skip(o[i])) for i in (1, 2, 3, 4, 5)}
     assert list(last[1].data[0].x) == [1, 2, 3, 4, 5]
     assert 'data-step="5" data-total="5"' in last[2] and 'data-state="completed"' in last[3]

@@ -313,6 +313,31 @@ def tick(ctx, watch: dict | None):
     return watch, figure, progress, status, log, table, dropdown, (watch["run"] if attached else skip)
 
 
+# Seconds between the page's polls of the run folder. Each poll costs the server and the browser
+# CPU that a CPU training run would otherwise use (bench/bench_ui.py measures it), so the page
+# polls often only while the run it shows is running.
+POLL_RUNNING_S = 2.0
+POLL_IDLE_S = 5.0
+
+
+def paced_tick(ctx, watch: dict | None):
+    """tick()'s outputs plus the timer's next interval (skipped while it stays the same)."""
+    out = tick(ctx, watch)
+    current = watch if gr_is_skip(out[0]) else out[0]
+    if not current:
+        return (*out, gr.skip())
+    running = current["status"].get("state") == "running"
+    pace = POLL_RUNNING_S if running else POLL_IDLE_S
+    if current.get("pace") == pace:
+        return (*out, gr.skip())
+    current["pace"] = pace
+    return (current, *out[1:], gr.Timer(pace))  # the watch goes back too: it now holds the pace
+
+
+def gr_is_skip(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
 def select_run(ctx, name: str):
     """Pick a run to show: (watch, session run, figure, progress, status, log)."""
     run_dir = _run_dir(ctx, name)
@@ -502,7 +527,7 @@ def build_tab(ctx, session) -> None:
     table = gr.Dataframe(table0, headers=HISTORY_COLUMNS, interactive=False, wrap=True, label="History")
     compare = gr.CheckboxGroup(choices=names0, label="Compare loss curves")
     overlay = gr.Plot(overlay_figure([]), label="Compared runs")
-    timer = gr.Timer(0.5)
+    timer = gr.Timer(POLL_IDLE_S)
 
     # -- events
     scale = [gpus_dd, fsdp_cb]  # after the form's values: (..., gpus, fsdp)
@@ -524,8 +549,8 @@ def build_tab(ctx, session) -> None:
     stop_btn.click(lambda w: stop_training(ctx, w), inputs=watch, outputs=train_msg, api_name="train_stop")
     resume_btn.click(lambda n: resume_training(ctx, n), inputs=run_dd, outputs=[train_msg, watch, session.run],
                      api_name="train_resume")
-    timer.tick(lambda w: tick(ctx, w), inputs=watch,
-               outputs=[watch, plot, progress, status, log, table, run_dd, session.run],
+    timer.tick(lambda w: paced_tick(ctx, w), inputs=watch,
+               outputs=[watch, plot, progress, status, log, table, run_dd, session.run, timer],
                show_progress="hidden", concurrency_limit=None, api_visibility="undocumented")
 
     shown = [watch, session.run, plot, progress, status, log]
