@@ -38,3 +38,28 @@ def test_padding_free_batch_gives_the_same_per_example_loss(embedded_path, embed
         bounds.append(bounds[-1] + len(r["input_ids"]))
     packed = _loss_sums(logits.float(), batch["labels"], bounds)
     assert packed == pytest.approx(alone, rel=1e-4)
+
+
+def test_fast_preset_trains_to_the_eval_loss_of_the_plain_recipe(tmp_path):
+    """The quick preset's speed settings (padding-free batches, no gradient checkpointing, no LoRA
+    dropout) against the same run without them, on the same rows, steps and held-out split."""
+    from pathlib import Path
+
+    from qlora_studio.config import StudioConfig
+    from qlora_studio.runs import read_metrics
+    from qlora_studio.train import run_training
+
+    preset = Path(__file__).resolve().parent.parent / "presets" / "quick-cpu.yaml"
+    fast = StudioConfig.load(preset).with_overrides([
+        f"output_dir={tmp_path}", "run_name=fast", "train.max_steps=12", "train.batch_size=4",
+        "train.eval_steps=12", "data.eval_fraction=0.1", "train.save_steps=100"])
+    assert fast.train.padding_free and not fast.train.gradient_checkpointing and fast.lora.dropout == 0
+    plain = fast.with_overrides(["run_name=plain", "train.padding_free=false", "train.gradient_checkpointing=true",
+                                 "lora.dropout=0.05"])
+
+    def final_eval_loss(config):
+        rows, _ = read_metrics(run_training(config))
+        return [r["eval_loss"] for r in rows if r["type"] == "eval" and r["step"] == 12][-1]
+
+    fast_loss, plain_loss = final_eval_loss(fast), final_eval_loss(plain)
+    assert fast_loss <= 1.02 * plain_loss, (fast_loss, plain_loss)

@@ -1,0 +1,130 @@
+"""The quick preset vs LLaMA-Factory's own CLI: same data, one epoch, same batch size and LoRA/optimizer settings.
+
+    python bench/bench_llamafactory.py --lf-python /path/to/venv/bin/python [--device cpu|cuda] [--batch 8]
+
+LLaMA-Factory pins older transformers/peft/trl than the studio, so it lives in a virtual env of its own:
+
+    python -m venv lfenv && lfenv/bin/pip install torch==2.13.0 && lfenv/bin/pip install --no-deps llamafactory
+    lfenv/bin/pip install <its requirements except torchvision/torchaudio> bitsandbytes
+
+On a CPU-only machine there is no torchvision/torchaudio build; LLaMA-Factory imports torchaudio at
+start-up (text training never calls it), so this script puts an empty `torchaudio` module on its path.
+
+Both train one epoch over the same rows (held-out rows removed) with the same hyperparameters; speed
+settings are each tool's own defaults. Both process the same tokens, so time decides tokens/s.
+Both adapters are scored by bench_train.heldout_loss on the same held-out answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from bench_train import heldout_loss, run_measured, split_rows  # noqa: E402
+from common import append_result, command_line  # noqa: E402
+
+REPO = BENCH.parent
+
+
+def llamafactory_config(model_path: str, data_dir: Path, out: Path, preset: dict, batch: int, bf16: bool) -> dict:
+    lora, train = preset["lora"], preset["train"]
+    return {
+        "model_name_or_path": model_path, "trust_remote_code": False,
+        "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "quantization_bit": 4, "quantization_method": "bnb", "quantization_type": preset["quant"]["type"],
+        "double_quantization": preset["quant"]["double_quant"],
+        "lora_rank": lora["r"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "lora_target": "all",
+        "dataset": "persona", "dataset_dir": str(data_dir), "template": "smollm2",
+        "cutoff_len": preset["data"]["max_length"], "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "output_dir": str(out), "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+        "per_device_train_batch_size": batch, "gradient_accumulation_steps": 1,
+        "learning_rate": train["learning_rate"], "num_train_epochs": 1.0, "lr_scheduler_type": train["scheduler"],
+        "warmup_ratio": train["warmup_ratio"], "weight_decay": train["weight_decay"],
+        "max_grad_norm": train["max_grad_norm"], "seed": train["seed"], "bf16": bf16,
+        "use_cpu": not _cuda(), "dataloader_num_workers": 0,
+    }
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lf-python", required=True, help="python of the virtual env with llamafactory installed")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--preset", default="quick-cpu")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--eval-rows", type=int, default=20)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+
+    from qlora_studio.data import resolve_source
+    from qlora_studio.models import detect_hardware, resolve_compute_dtype, resolve_model
+
+    out = BENCH / "out" / ("lf-" + time.strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True)
+    train_file, eval_file = split_rows(Path(resolve_source("sample:persona")), out, args.eval_rows)
+    model_path = resolve_model("embedded").path
+    preset_path = REPO / "presets" / f"{args.preset}.yaml"
+    preset = yaml.safe_load(preset_path.read_text())
+    bf16 = resolve_compute_dtype(preset["quant"]["compute_dtype"], detect_hardware(args.device)) == "bf16"
+
+    (out / "dataset_info.json").write_text(json.dumps({"persona": {
+        "file_name": str(train_file), "formatting": "sharegpt", "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}}}))
+    lf_config = out / "llamafactory.yaml"
+    lf_config.write_text(yaml.safe_dump(llamafactory_config(model_path, out, out / "lf", preset, args.batch, bf16)))
+    stub = out / "stub"
+    (stub / "torchaudio").mkdir(parents=True)
+    (stub / "torchaudio" / "__init__.py").write_text("")
+
+    studio_cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(preset_path),
+                  "--set", f"output_dir={out}", "--set", "run_name=studio", "--set", f"data.source={train_file}",
+                  "--set", "data.eval_fraction=0", "--set", "train.max_steps=0", "--set", "train.epochs=1",
+                  "--set", f"train.batch_size={args.batch}", "--set", "train.grad_accum=1",
+                  "--set", "train.save_steps=100000"]
+    lf_cmd = ["env", f"PYTHONPATH={stub}", "HF_HUB_OFFLINE=1", "DISABLE_VERSION_CHECK=1", args.lf_python, "-m",
+              "llamafactory.cli", "train", str(lf_config)]
+
+    print("studio:", " ".join(studio_cmd), flush=True)
+    studio_wall, studio_rss = run_measured(studio_cmd, out / "studio.log")
+    studio = json.loads((out / "studio" / "run.json").read_text())
+    print("llamafactory:", " ".join(lf_cmd), flush=True)
+    lf_wall, lf_rss = run_measured(lf_cmd, out / "lf.log")
+    lf = json.loads((out / "lf" / "all_results.json").read_text())
+
+    studio_loss = heldout_loss(out / "studio" / "adapter", eval_file, args.device)
+    lf_loss = heldout_loss(out / "lf", eval_file, args.device)
+    tokens = studio["num_tokens"]  # the same rows, once each, in both
+    summary = {
+        "tokens": tokens, "studio_train_s": studio["train_seconds"], "lf_train_s": round(lf["train_runtime"], 1),
+        "studio_tokens_per_s": round(tokens / studio["train_seconds"], 1),
+        "lf_tokens_per_s": round(tokens / lf["train_runtime"], 1),
+        "speedup": round(lf["train_runtime"] / studio["train_seconds"], 2),
+        "studio_heldout_loss": round(studio_loss, 4), "lf_heldout_loss": round(lf_loss, 4),
+        "studio_peak_mb": round(studio_rss), "lf_peak_mb": round(lf_rss),
+        "studio_wall_s": round(studio_wall, 1), "lf_wall_s": round(lf_wall, 1), "out": str(out),
+    }
+    print(json.dumps(summary, indent=2))
+    if not args.no_record:
+        print(append_result(
+            "Quick preset vs LLaMA-Factory (1 epoch, same data and hyperparameters)", args.device,
+            ["preset", "tokens", "studio tok/s", "LLaMA-Factory tok/s", "speedup", "studio held-out loss",
+             "LLaMA-Factory held-out loss", "studio peak MB", "LLaMA-Factory peak MB"],
+            [args.preset, tokens, summary["studio_tokens_per_s"], summary["lf_tokens_per_s"],
+             f"{summary['speedup']}x", summary["studio_heldout_loss"], summary["lf_heldout_loss"],
+             summary["studio_peak_mb"], summary["lf_peak_mb"]], command_line()))
+
+
+if __name__ == "__main__":
+    main()
