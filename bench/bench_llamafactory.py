@@ -27,7 +27,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from bench_train import heldout_loss, run_measured, split_rows  # noqa: E402
+from bench_train import heldout_loss, run_measured, run_studio, split_rows, studio_command  # noqa: E402
 from common import append_result, command_line  # noqa: E402
 
 REPO = BENCH.parent
@@ -88,17 +88,12 @@ def main() -> None:
     (stub / "torchaudio").mkdir(parents=True)
     (stub / "torchaudio" / "__init__.py").write_text("")
 
-    studio_cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(preset_path),
-                  "--set", f"output_dir={out}", "--set", "run_name=studio", "--set", f"data.source={train_file}",
-                  "--set", "data.eval_fraction=0", "--set", "train.max_steps=0", "--set", "train.epochs=1",
-                  "--set", f"train.batch_size={args.batch}", "--set", "train.grad_accum=1",
-                  "--set", "train.save_steps=100000"]
+    studio_cmd = studio_command(preset_path, out, train_file, args.batch, "train.max_steps=0", "train.epochs=1",
+                                "train.save_steps=100000")
     lf_cmd = ["env", f"PYTHONPATH={stub}", "HF_HUB_OFFLINE=1", "DISABLE_VERSION_CHECK=1", args.lf_python, "-m",
               "llamafactory.cli", "train", str(lf_config)]
 
-    print("studio:", " ".join(studio_cmd), flush=True)
-    studio_wall, studio_rss = run_measured(studio_cmd, out / "studio.log")
-    studio = json.loads((out / "studio" / "run.json").read_text())
+    studio, studio_wall, studio_rss = run_studio(studio_cmd, out)
     print("llamafactory:", " ".join(lf_cmd), flush=True)
     lf_wall, lf_rss = run_measured(lf_cmd, out / "lf.log")
     lf = json.loads((out / "lf" / "all_results.json").read_text())

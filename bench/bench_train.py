@@ -64,6 +64,20 @@ def run_measured(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, peak[0]
 
 
+def studio_command(preset: Path, out: Path, train_file: Path, batch: int, *overrides: str) -> list[str]:
+    """The studio's CLI on `preset`, trained on `train_file` (no eval split) into out/studio."""
+    sets = [f"output_dir={out}", "run_name=studio", f"data.source={train_file}", "data.eval_fraction=0",
+            f"train.batch_size={batch}", "train.grad_accum=1", *overrides]
+    return [sys.executable, "-m", "qlora_studio.cli", "train", str(preset), *sum((["--set", o] for o in sets), [])]
+
+
+def run_studio(command: list[str], out: Path) -> tuple[dict, float, float]:
+    """Run a studio_command; return (its run.json, wall seconds, peak RSS MB)."""
+    print("studio:", " ".join(command), flush=True)
+    wall, rss = run_measured(command, out / "studio.log")
+    return json.loads((out / "studio" / "run.json").read_text()), wall, rss
+
+
 def heldout_loss(adapter: Path, eval_file: Path, device: str) -> float:
     """Mean loss on the assistant tokens of held-out rows, identical for every adapter scored."""
     import torch
@@ -114,18 +128,13 @@ def main() -> None:
     train_file, eval_file = split_rows(Path(resolve_source("sample:persona")), out, args.eval_rows)
     model_path = resolve_model("embedded").path
 
-    studio_cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(REPO / "presets" / f"{args.preset}.yaml"),
-                  "--set", f"output_dir={out}", "--set", "run_name=studio", "--set", f"data.source={train_file}",
-                  "--set", "data.eval_fraction=0", "--set", f"train.max_steps={args.steps}",
-                  "--set", f"train.batch_size={args.batch}", "--set", "train.grad_accum=1",
-                  "--set", f"train.save_steps={args.steps}", *sum((["--set", o] for o in args.overrides), [])]
+    studio_cmd = studio_command(REPO / "presets" / f"{args.preset}.yaml", out, train_file, args.batch,
+                                f"train.max_steps={args.steps}", f"train.save_steps={args.steps}", *args.overrides)
     recipe_cmd = [sys.executable, str(BENCH / "tutorial_recipe.py"), "--model", model_path, "--train",
                   str(train_file), "--steps", str(args.steps), "--batch", str(args.batch), "--out",
                   str(out / "recipe"), "--device", args.device]
 
-    print("studio:", " ".join(studio_cmd), flush=True)
-    studio_wall, studio_rss = run_measured(studio_cmd, out / "studio.log")
-    studio = json.loads((out / "studio" / "run.json").read_text())
+    studio, studio_wall, studio_rss = run_studio(studio_cmd, out)
     print("recipe:", " ".join(recipe_cmd), flush=True)
     recipe_wall, recipe_rss = run_measured(recipe_cmd, out / "recipe.log")
     recipe = json.loads((out / "recipe" / "summary.json").read_text())

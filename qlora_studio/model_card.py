@@ -131,8 +131,17 @@ def front_matter(facts: RunFacts, kind: str) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
+# The chat call both usage snippets end with.
+_GENERATE = (
+    'messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
+    "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
+    "                                       return_dict=True)\n"
+    "output = model.generate(**inputs, max_new_tokens=40)\n"
+    "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n"
+    "```\n")
+
+
 def usage_snippet(facts: RunFacts, kind: str) -> str:
-    base = facts.base_model
     if kind == "merged":
         return (
             "```python\n"
@@ -140,29 +149,17 @@ def usage_snippet(facts: RunFacts, kind: str) -> str:
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
             'model_dir = "."  # this folder, or the Hub repo id it was pushed to\n'
             "tokenizer = AutoTokenizer.from_pretrained(model_dir)  # carries the chat template used in training\n"
-            "model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)\n\n"
-            'messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
-            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
-            "                                       return_dict=True)\n"
-            "output = model.generate(**inputs, max_new_tokens=40)\n"
-            "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n"
-            "```\n")
+            "model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)\n\n" + _GENERATE)
     return (
         "```python\n"
         "import torch\n"
         "from peft import PeftModel\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'base_model = "{base}"\n'
+        f'base_model = "{facts.base_model}"\n'
         'adapter = "."  # this folder, or the Hub repo id it was pushed to\n'
         "tokenizer = AutoTokenizer.from_pretrained(adapter)  # carries the chat template used in training\n"
         "model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.bfloat16)\n"
-        "model = PeftModel.from_pretrained(model, adapter)\n\n"
-        'messages = [{"role": "user", "content": "Hello! Who are you?"}]\n'
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",\n"
-        "                                       return_dict=True)\n"
-        "output = model.generate(**inputs, max_new_tokens=40)\n"
-        "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n"
-        "```\n")
+        "model = PeftModel.from_pretrained(model, adapter)\n\n" + _GENERATE)
 
 
 def _quantized_snippet(cfg: StudioConfig) -> str:
