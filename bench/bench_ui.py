@@ -4,7 +4,7 @@
 
 1. Starts `python app.py` on a free port, opens it in Debian's headless chromium (Playwright),
    picks the preset on the Train tab, sets the step count and clicks Train, with the page left
-   open (the live chart, progress and log keep polling) until the run completes.
+   open (the live chart, progress and log follow the run) until the run completes.
 2. Meanwhile the page records, every 100 ms, when each step's point first appears on the loss
    chart. Every metrics.jsonl row carries the wall-clock time it was written (`wall_time`), so
    the difference is the time from the line being written to the chart showing it.

@@ -284,3 +284,32 @@ def test_new_user_trains_compares_and_exports(page, running_app, tmp_path):
               f"{running_app.read_log()[-4000:]}")
         raise
     print(f"\nend to end in {time.monotonic() - started:.0f}s; base: {base!r}; adapted: {adapted!r}")
+
+
+# Counts the frames the browser is asked for; installed before any page script, so it sits
+# under the app's frame pacing and sees only the frames that reach the browser.
+COUNT_FRAMES = """(() => {
+    window.__frames = 0;
+    const native = window.requestAnimationFrame.bind(window);
+    window.requestAnimationFrame = (cb) => { window.__frames++; return native(cb); };
+})()"""
+
+
+def test_an_idle_page_costs_the_machine_almost_nothing(page, running_app):
+    """While the page sits untouched (as it does during a long CPU training), it sends no requests
+    and draws only a few frames a second: Gradio's own never-ending animation loops are paced."""
+    page.add_init_script(COUNT_FRAMES)
+    page.goto(running_app.url)
+    page.get_by_role("heading", name="QLoRA Studio").wait_for()
+    open_tab(page, "Train")
+    page.mouse.move(0, 0)
+    page.wait_for_timeout(3000)  # past the pacing's grace after the last input
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    frames_before = page.evaluate("window.__frames")
+    page.wait_for_timeout(5000)
+    frames = page.evaluate("window.__frames") - frames_before
+    assert requests == [], f"an idle page should not poll the server: {requests}"
+    # Unpaced, each of Gradio's leftover loops asks for 60 frames a second (300 here); paced, 4.
+    assert frames <= 75, f"{frames} animation frames in 5 idle seconds"
+    assert not page.uncaught_errors, page.uncaught_errors

@@ -1,11 +1,15 @@
 """Train tab handlers, called directly: form <-> config, checks, presets, real runs, stop/resume, history."""
 
+import asyncio
+import inspect
 import json
+import os
 import shlex
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pytest
@@ -83,11 +87,11 @@ def changed_config() -> StudioConfig:
 
 
 def watch_until(ctx, watch, done, timeout=420):
-    """Tick like the page's timer until done(watch, outputs); return (watch, every tick's outputs)."""
+    """Look at the run like the page's stream until done(watch, outputs); return (watch, every look's outputs)."""
     history = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = tab.paced_tick(ctx, watch)
+        out = tab.tick(ctx, watch)
         history.append(out)
         if not is_skip(out[0]):
             watch = out[0]
@@ -331,9 +335,6 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
     resumed, _ = watch_until(ctx, resumed, finished, timeout=60)
     for w in (watch_a, watch_b, resumed):
         assert [r["step"] for r in w["rows"] if r["type"] == "train"] == [1, 2, 3, 4, 5]
-    # The page polls often while the run it shows runs, and slows down once it is over.
-    paces = [o[8].value for o in outputs if not is_skip(o[8])]
-    assert paces == [tab.POLL_RUNNING_S, tab.POLL_IDLE_S], paces
     last = {i: next(o[i] for o in reversed(outputs) if not is_skip(o[i])) for i in (1, 2, 3, 4, 5)}
     assert list(last[1].data[0].x) == [1, 2, 3, 4, 5]
     assert 'data-step="5" data-total="5"' in last[2] and 'data-state="completed"' in last[3]
@@ -347,7 +348,54 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
     assert "Nothing is training." in tab.stop_training(ctx, watch_a)
 
 
+def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monkeypatch):
+    """follow() is what the page listens to: a first (empty) update, then one per change, none while
+    nothing changes; a session's newer stream ends its older one."""
+
+    monkeypatch.setattr(tab, "POLL_RUNNING_S", 0.05)
+    monkeypatch.setattr(tab, "POLL_IDLE_S", 0.05)
+    run = fake_run(ctx, "live", "running", [3.0], pid=os.getpid())
+    watch = tab.select_run(ctx, "live")[0]
+
+    async def scenario():
+        stream = tab.follow(ctx, watch, "session-a")
+        first = await asyncio.wait_for(anext(stream), 5)
+        assert len(first) == 7 and all(is_skip(o) for o in first)  # already shown by select_run
+        with pytest.raises(asyncio.TimeoutError):  # nothing changed: nothing is sent
+            await asyncio.wait_for(asyncio.shield(pending := asyncio.ensure_future(anext(stream))), 0.5)
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"type": "train", "step": 2, "loss": 2.5, "learning_rate": 1e-4}) + "\n")
+        figure, progress, status, log, table, dropdown, session_run = await asyncio.wait_for(pending, 5)
+        assert list(figure.data[0].x) == [1, 2] and 'data-step="2"' in progress
+        assert all(is_skip(o) for o in (status, log, table, dropdown, session_run))
+
+        write_json_atomic(run / "status.json", {"state": "completed", "step": 2, "max_steps": 2, "pid": None})
+        out = await asyncio.wait_for(anext(stream), 5)
+        assert 'data-state="completed"' in out[2] and out[5]["value"] == "live"  # history follows the state
+        assert out[4][out[4]["name"] == "live"].iloc[0]["status"] == "completed"
+
+        newer = tab.follow(ctx, None, "session-a")  # the page showed something else
+        await asyncio.wait_for(anext(newer), 5)
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(anext(stream), 5)
+        other = tab.follow(ctx, None, "session-b")  # another page's stream lives on its own
+        await asyncio.wait_for(anext(other), 5)
+        assert set(ctx.followers) == {"session-a", "session-b"}
+        await newer.aclose()
+        await other.aclose()
+        assert ctx.followers == {}
+
+    asyncio.run(scenario())
+
+
 # -- wiring ------------------------------------------------------------------------------------------------
+
+async def first_update(stream):
+    try:
+        return await anext(stream)
+    finally:
+        await stream.aclose()
+
 
 def test_build_tab_wires_handlers_to_matching_outputs(ctx):
     ctx.settings.demo = True  # a stray Train event in this test must not start anything
@@ -358,8 +406,12 @@ def test_build_tab_wires_handlers_to_matching_outputs(ctx):
     for fn in demo.fns.values():
         if fn.fn is None or any(isinstance(i, gr.Dataframe) for i in fn.inputs):
             continue  # the table's select handler needs a click event
+        args = [getattr(i, "value", None) for i in fn.inputs]
         try:
-            result = fn.fn(*[getattr(i, "value", None) for i in fn.inputs])
+            if inspect.isasyncgenfunction(fn.fn):  # the live stream: its first update
+                result = asyncio.run(first_update(fn.fn(*args, SimpleNamespace(session_hash="wiring"))))
+            else:
+                result = fn.fn(*args)
         except gr.Error:
             continue  # e.g. "Load config" with no run picked
         n = len(fn.outputs)

@@ -56,6 +56,8 @@ class StudioContext:
     trainer: TrainerSupervisor
     model_pool: Any = None
     hardware: Any = None
+    # browser session -> the token of the one live-view stream it keeps (train_tab.follow)
+    followers: dict = field(default_factory=dict)
 
     @property
     def runs_root(self) -> Path:

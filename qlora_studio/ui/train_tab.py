@@ -9,6 +9,8 @@ touches a run and reopening it reattaches to whatever is running.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import html
 from collections.abc import Sequence
 from pathlib import Path
@@ -283,7 +285,7 @@ def render(watch: dict) -> tuple:
 
 
 def tick(ctx, watch: dict | None):
-    """Timer tick: (watch, figure, progress, status, log, history table, run dropdown, session run).
+    """One look at the run folder: (watch, figure, progress, status, log, history table, run dropdown, session run).
 
     Unchanged parts come back as gr.skip(), so an idle run costs no redraw. A session that
     watches nothing (a fresh page) attaches to the machine's running training, if any.
@@ -313,25 +315,41 @@ def tick(ctx, watch: dict | None):
     return watch, figure, progress, status, log, table, dropdown, (watch["run"] if attached else skip)
 
 
-# Seconds between the page's polls of the run folder. Each poll costs the server and the browser
-# CPU that a CPU training run would otherwise use (bench/bench_ui.py measures it), so the page
-# polls often only while the run it shows is running.
-POLL_RUNNING_S = 2.0
+# Seconds between the server's looks at the run folder for one page. Looking is a few stat()
+# calls; the page hears only of changes, at most one update per POLL_RUNNING_S, because each
+# update costs the browser a Gradio event and a chart redraw, CPU that a CPU training run would
+# otherwise use (bench/bench_ui.py measures it).
+POLL_RUNNING_S = 1.0
 POLL_IDLE_S = 5.0
 
 
-def paced_tick(ctx, watch: dict | None):
-    """tick()'s outputs plus the timer's next interval (skipped while it stays the same)."""
-    out = tick(ctx, watch)
-    current = watch if gr_is_skip(out[0]) else out[0]
-    if not current:
-        return (*out, gr.skip())
-    running = current["status"].get("state") == "running"
-    pace = POLL_RUNNING_S if running else POLL_IDLE_S
-    if current.get("pace") == pace:
-        return (*out, gr.skip())
-    current["pace"] = pace
-    return (current, *out[1:], gr.Timer(pace))  # the watch goes back too: it now holds the pace
+async def follow(ctx, watch: dict | None, session: str):
+    """The live view's stream for one browser session: yields tick()'s outputs (less the watch)
+    whenever something changed, and nothing otherwise.
+
+    A page starts one at load and a new one whenever it shows another run; the newest stream of a
+    session ends the older one, and Gradio ends it when the page goes away. Unlike a timer, an
+    unchanged run costs the browser nothing.
+    """
+    token = object()
+    ctx.followers[session] = token
+    watch = copy.deepcopy(watch) if watch and watch.get("run") else None
+    first = True
+    try:
+        while ctx.followers.get(session) is token:
+            out = await asyncio.to_thread(tick, ctx, watch)  # file reads stay off the server's event loop
+            if not gr_is_skip(out[0]):
+                watch = out[0]
+            # The first yield, even of nothing, ends the outputs' "pending" state in the page, where
+            # Gradio animates a (hidden) progress timer every frame for as long as it lasts.
+            if first or not all(gr_is_skip(o) for o in out[1:]):
+                yield out[1:]
+            first = False
+            running = bool(watch) and watch["status"].get("state") == "running"
+            await asyncio.sleep(POLL_RUNNING_S if running else POLL_IDLE_S)
+    finally:
+        if ctx.followers.get(session) is token:
+            del ctx.followers[session]
 
 
 def gr_is_skip(value) -> bool:
@@ -384,7 +402,7 @@ def refresh_history(ctx, selected: str | None, compared: Sequence[str] | None):
 
 
 def on_load(ctx):
-    """A page opened after runs were added: fresh table and choices, selections left to the timer."""
+    """A page opened after runs were added: fresh table and choices, selections left to follow()."""
     table, names = history(ctx)
     return table, gr.update(choices=names), gr.update(choices=names)
 
@@ -527,7 +545,6 @@ def build_tab(ctx, session) -> None:
     table = gr.Dataframe(table0, headers=HISTORY_COLUMNS, interactive=False, wrap=True, label="History")
     compare = gr.CheckboxGroup(choices=names0, label="Compare loss curves")
     overlay = gr.Plot(overlay_figure([]), label="Compared runs")
-    timer = gr.Timer(POLL_IDLE_S)
 
     # -- events
     scale = [gpus_dd, fsdp_cb]  # after the form's values: (..., gpus, fsdp)
@@ -549,9 +566,15 @@ def build_tab(ctx, session) -> None:
     stop_btn.click(lambda w: stop_training(ctx, w), inputs=watch, outputs=train_msg, api_name="train_stop")
     resume_btn.click(lambda n: resume_training(ctx, n), inputs=run_dd, outputs=[train_msg, watch, session.run],
                      api_name="train_resume")
-    timer.tick(lambda w: paced_tick(ctx, w), inputs=watch,
-               outputs=[watch, plot, progress, status, log, table, run_dd, session.run, timer],
-               show_progress="hidden", concurrency_limit=None, api_visibility="undocumented")
+
+    async def follow_session(w, request: gr.Request):
+        async for out in follow(ctx, w, request.session_hash):
+            yield out
+
+    live = {"fn": follow_session, "inputs": watch,
+            "outputs": [plot, progress, status, log, table, run_dd, session.run],
+            "show_progress": "hidden", "concurrency_limit": None, "api_visibility": "undocumented"}
+    watch.change(**live)  # started, resumed or picked a run: follow that one
 
     shown = [watch, session.run, plot, progress, status, log]
     run_dd.input(lambda n: select_run(ctx, n), inputs=run_dd, outputs=shown, api_name="train_select_run")
@@ -563,4 +586,4 @@ def build_tab(ctx, session) -> None:
                       outputs=[table, run_dd, compare], api_name="train_history")
     # A page opened after runs were added must not show the table as it was at start-up.
     gr.on(None, lambda: on_load(ctx), inputs=[], outputs=[table, run_dd, compare],
-          api_visibility="undocumented")
+          api_visibility="undocumented").then(**live)  # and follow whatever runs on the machine
