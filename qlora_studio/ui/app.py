@@ -39,6 +39,11 @@ def build_app(ctx: StudioContext | None = None) -> gr.Blocks:
                 chat_tab.build_tab(ctx, session)
             with gr.Tab("Export", id="export"):
                 export_tab.build_tab(ctx, session)
+
+        def page_closed(request: gr.Request):
+            train_tab.stop_following(ctx, request.session_hash)
+
+        demo.unload(page_closed)
     demo.studio_context = ctx  # tests and launchers reach the shared context through the app
     return demo
 

@@ -328,7 +328,7 @@ async def follow(ctx, watch: dict | None, session: str):
     whenever something changed, and nothing otherwise.
 
     A page starts one at load and a new one whenever it shows another run; the newest stream of a
-    session ends the older one, and Gradio ends it when the page goes away. Unlike a timer, an
+    session ends the older one, and closing the page ends it (stop_following). Unlike a timer, an
     unchanged run costs the browser nothing.
     """
     token = object()
@@ -350,6 +350,11 @@ async def follow(ctx, watch: dict | None, session: str):
     finally:
         if ctx.followers.get(session) is token:
             del ctx.followers[session]
+
+
+def stop_following(ctx, session: str) -> None:
+    """The page closed: its stream ends at its next look."""
+    ctx.followers.pop(session, None)
 
 
 def gr_is_skip(value) -> bool:
