@@ -2,56 +2,50 @@
 // Gradio 6 leaves requestAnimationFrame loops running for good once a status tracker or a
 // spinner unmounts mid-animation (the app's own loading tracker always does), so an idle page
 // renders 60 frames a second: 5-10% of a core in Chromium, taken from training on a small CPU.
-// A chain of frames (a callback asking for the next frame) that has run for LONG_CHAIN_MS
-// without the user touching the page is paced to IDLE_FPS. Short animations and anything the
-// user is interacting with keep the browser's full rate, and paced loops still advance.
+// While nobody has touched the page for ACTIVE_MS, every frame callback waits for one shared
+// frame IDLE_FPS times a second; any input restores the browser's full rate. Loops still
+// advance, just slower, and all of them share one frame.
 (() => {
-  const IDLE_FPS = 4;
-  const LONG_CHAIN_MS = 1000;
+  const IDLE_FPS = 5;
   const ACTIVE_MS = 2000;
   const nativeRequest = window.requestAnimationFrame.bind(window);
   const nativeCancel = window.cancelAnimationFrame.bind(window);
-  const paced = new Map(); // our id (negative, never a native id) -> {timeout, frame}
+  const waiting = new Map(); // our id (negative, never a native id) -> callback
   let activeUntil = 0;
   let nextId = 1;
-  let runningChainStart = null; // start time of the chain whose callback is running now
+  let flushTimer = 0;
 
   const wake = () => { activeUntil = performance.now() + ACTIVE_MS; };
   for (const type of ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "focusin"]) {
     window.addEventListener(type, wake, { capture: true, passive: true });
   }
 
-  const inChain = (chainStart, callback) => (time) => {
-    const outer = runningChainStart;
-    runningChainStart = chainStart;
-    try {
-      callback(time);
-    } finally {
-      runningChainStart = outer;
+  const flush = (time) => {
+    const batch = [...waiting.values()];
+    waiting.clear(); // callbacks that ask for another frame now wait for the next shared one
+    for (const callback of batch) {
+      try {
+        callback(time);
+      } catch (error) {
+        setTimeout(() => { throw error; }); // reported as the browser would, without stopping the batch
+      }
     }
   };
 
   window.requestAnimationFrame = (callback) => {
-    const now = performance.now();
-    const chainStart = runningChainStart ?? now;
-    if (now < activeUntil || now - chainStart < LONG_CHAIN_MS) return nativeRequest(inChain(chainStart, callback));
+    if (performance.now() < activeUntil) return nativeRequest(callback);
     const id = -nextId++;
-    const entry = { timeout: 0, frame: 0 };
-    entry.timeout = setTimeout(() => {
-      entry.frame = nativeRequest((time) => {
-        paced.delete(id);
-        inChain(chainStart, callback)(time);
-      });
-    }, 1000 / IDLE_FPS);
-    paced.set(id, entry);
+    waiting.set(id, callback);
+    if (!flushTimer) {
+      flushTimer = setTimeout(() => {
+        flushTimer = 0;
+        nativeRequest(flush);
+      }, 1000 / IDLE_FPS);
+    }
     return id;
   };
 
   window.cancelAnimationFrame = (id) => {
-    const entry = paced.get(id);
-    if (entry === undefined) return nativeCancel(id);
-    clearTimeout(entry.timeout);
-    if (entry.frame) nativeCancel(entry.frame);
-    paced.delete(id);
+    if (!waiting.delete(id)) nativeCancel(id);
   };
 })();
