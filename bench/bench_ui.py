@@ -54,7 +54,6 @@ RECORDER = """() => {
     };
     new MutationObserver(look).observe(document.body, {childList: true, subtree: true});
 }"""
-FINAL = ("completed", "failed", "stopped")
 
 
 def free_port() -> int:
@@ -92,18 +91,13 @@ def stop_app(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def _state(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("state")
-    except (OSError, ValueError):
-        return None
-
-
 def train_in_browser(url: str, runs_root: Path, preset: str, steps: int, timeout_s: float) -> tuple[str, dict]:
     """Click a run into being as a user does; return (run name, {step: ms the chart first showed it})."""
     import re
 
     from playwright.sync_api import expect, sync_playwright
+
+    from qlora_studio.runs import FINAL_STATES, read_status
 
     executable = shutil.which("chromium")
     if executable is None:
@@ -132,12 +126,12 @@ def train_in_browser(url: str, runs_root: Path, preset: str, steps: int, timeout
         # Wait on the run folder, not the page: asking the browser every second would add work
         # to the run that a user's browser does not do.
         deadline = time.monotonic() + timeout_s
-        while _state(runs_root / run_name) not in FINAL:
+        while read_status(runs_root / run_name).get("state") not in FINAL_STATES:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the run did not finish within {timeout_s} s")
             time.sleep(2)
         status = panel.locator(".qs-status")
-        expect(status).to_have_attribute("data-state", re.compile("|".join(FINAL)))
+        expect(status).to_have_attribute("data-state", re.compile("|".join(FINAL_STATES)))
         if status.get_attribute("data-state") != "completed":
             raise SystemExit(f"the app's run ended {status.get_attribute('data-state')}: {status.inner_text()}")
         page.wait_for_timeout(2000)  # the last point may land a tick after the status
