@@ -318,6 +318,6 @@ def test_an_idle_page_costs_the_machine_almost_nothing(page, running_app):
     callers = page.evaluate("window.__callers")
     assert requests == [], f"an idle page should not poll the server: {requests}"
     # Unpaced, each of Gradio's leftover loops asks for 60 frames a second (300 here); paced, all
-    # of them share 5 frames a second.
+    # of them share 2 frames a second (10 here).
     assert frames <= 40, f"{frames} animation frames in 5 idle seconds, asked for by {callers}"
     assert not page.uncaught_errors, page.uncaught_errors

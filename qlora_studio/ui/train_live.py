@@ -14,7 +14,8 @@ from pathlib import Path
 from ..runs import read_metrics, read_status
 
 LOG_LINES = 30
-STATUS_KEYS = ("state", "reason", "step", "max_steps")
+STATUS_KEYS = ("state", "reason")
+STEP_KEYS = ("step", "max_steps")
 COLORS = ("#f97316", "#2563eb", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777")
 
 
@@ -44,9 +45,9 @@ def poll(watch: dict) -> set[str]:
             watch["rows"].extend(rows)
             changed.add("metrics")
     status = read_status(run)
-    key = {k: status.get(k) for k in STATUS_KEYS}
-    if key != {k: watch["status"].get(k) for k in STATUS_KEYS}:
-        changed.add("status")
+    for part, keys in (("status", STATUS_KEYS), ("step", STEP_KEYS)):
+        if any(status.get(k) != watch["status"].get(k) for k in keys):
+            changed.add(part)
     watch["status"] = status
     try:
         log_size = (run / "train.log").stat().st_size
@@ -102,7 +103,7 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def loss_figure(rows: list[dict], title: str = ""):
+def loss_figure(rows: list[dict], run_name: str = ""):
     """Train loss (raw and smoothed) and eval loss by step; the learning rate in a panel below."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -125,7 +126,7 @@ def loss_figure(rows: list[dict], title: str = ""):
     fig.update_yaxes(title_text="loss", row=1, col=1)
     fig.update_yaxes(title_text="learning rate", tickformat=".1e", row=2, col=1)
     fig.update_xaxes(title_text="step", row=2, col=1)
-    _layout(fig, title, empty=not train and not evals)
+    _layout(fig, run_name or "none", empty=not train and not evals)
     return fig
 
 
@@ -145,14 +146,20 @@ def overlay_figure(series: list[tuple[str, list[dict]]]):
                                      line={"color": color, "dash": "dot"}, marker={"symbol": "diamond", "size": 8}))
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="loss (train smoothed)")
-    _layout(fig, "Loss curves" if series else "", empty=not series, empty_text="Pick runs to compare")
+    _layout(fig, "runs", empty=not series, empty_text="Pick runs to compare")
     return fig
 
 
-def _layout(fig, title: str, empty: bool, empty_text: str = "Waiting for the first logged step…") -> None:
-    fig.update_layout(title={"text": html.escape(title), "font": {"size": 14}}, height=430, template="plotly_white",
-                      margin={"l": 60, "r": 20, "t": 40 if title else 20, "b": 40}, hovermode="x unified",
-                      legend={"orientation": "h", "y": -0.18}, uirevision=title or "runs")
+def _layout(fig, uirevision: str, empty: bool, empty_text: str = "Waiting for the first logged step…") -> None:
+    # Drawn on every logged step while the page watches a run, so kept cheap for the browser
+    # (bench/bench_ui.py): no template (plotly_white costs a deep merge per draw), no title (Gradio
+    # forces a 100 px top margin for one; the run's name is in the status line), and the legend
+    # inside the plot so the margins never grow. uirevision keeps the user's zoom across updates.
+    fig.update_layout(height=430, plot_bgcolor="white", paper_bgcolor="white", font={"color": "#334155"},
+                      margin={"l": 60, "r": 20, "t": 20, "b": 40}, hovermode="x unified", uirevision=uirevision,
+                      legend={"x": 0.99, "xanchor": "right", "y": 0.99, "bgcolor": "rgba(255,255,255,0.75)"})
+    fig.update_xaxes(showgrid=True, gridcolor="#e5e7eb", zeroline=False, showline=True, linecolor="#cbd5e1")
+    fig.update_yaxes(showgrid=True, gridcolor="#e5e7eb", zeroline=False, showline=True, linecolor="#cbd5e1")
     if empty:
         fig.add_annotation(text=empty_text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.6,
                            font={"size": 14, "color": "#64748b"})
@@ -185,7 +192,7 @@ def progress_html(rows: list[dict], status: dict) -> str:
     cells = "".join(f"<span><b>{k}</b> {html.escape(str(v))}</span>" for k, v in items)
     return (f'<div class="qs-progress" data-step="{step}" data-total="{total}">'
             f'<div style="background:#e5e7eb;border-radius:6px;height:12px;overflow:hidden">'
-            f'<div style="width:{pct:.1f}%;height:100%;background:{color};transition:width .4s"></div></div>'
+            f'<div style="width:{pct:.1f}%;height:100%;background:{color}"></div></div>'
             f'<div style="display:flex;flex-wrap:wrap;gap:1.4em;margin-top:6px;font-size:.92em">{cells}</div></div>')
 
 
@@ -200,8 +207,6 @@ def status_html(status: dict, run_name: str) -> str:
     icon, color = {"running": ("●", "#f97316"), "completed": ("✓", "#16a34a"), "stopped": ("■", "#ca8a04"),
                    "failed": ("✗", "#dc2626")}.get(state, ("?", "#64748b"))
     body = f'<b style="color:{color}">{icon} {html.escape(state)}</b> · <code>{html.escape(run_name)}</code>'
-    if state == "running" and not reason:
-        reason = f"step {status.get('step', 0)}/{status.get('max_steps') or '?'}"
     if reason:
         body += f" — {html.escape(reason)}"
     if state == "failed":

@@ -304,7 +304,7 @@ def tick(ctx, watch: dict | None):
     name = run_name_of(watch)
     state_changed = attached or (watch["status"].get("state"), watch["status"].get("reason")) != previous_state
     figure = loss_figure(watch["rows"], name) if attached or "metrics" in changed else skip
-    progress = progress_html(watch["rows"], watch["status"]) if changed & {"metrics", "status"} or attached else skip
+    progress = progress_html(watch["rows"], watch["status"]) if changed & {"metrics", "status", "step"} or attached else skip
     status = status_html(watch["status"], name) if "status" in changed or attached else skip
     log = log_tail(watch["run"]) if "log" in changed or attached else skip
     if state_changed:
