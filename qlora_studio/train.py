@@ -284,6 +284,7 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
 
     from .data import prepare_training_data
     from .estimate import hardware_problems
+    from .lean_loss import lean_trainer_class
     from .models import (detect_hardware, load_base_model, load_tokenizer, resolve_compute_dtype,
                          resolve_model)
 
@@ -360,9 +361,12 @@ def build_trainer(config: StudioConfig, run_dir: Path, status: RunStatus, stop: 
         dataset_num_proc=None,
         save_only_model=False,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[_make_callback(run_dir, status, stop, resume_step)])
+    # Where TRL's LM head has no Triton kernel (CPU) it scores prompt tokens too and computes per-token
+    # metrics we never show; the lean loss is the same loss without that work (bench/RESULTS.md).
+    trainer_class = lean_trainer_class() if hw.device == "cpu" else SFTTrainer
+    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                            processing_class=tokenizer, peft_config=peft_config,
+                            callbacks=[_make_callback(run_dir, status, stop, resume_step)])
     _keep_adapter_in_fp32(trainer.model)
     # peft counts 4-bit packed weights at their real size; a plain numel() would halve them.
     trainable, total = trainer.model.get_nb_trainable_parameters()
