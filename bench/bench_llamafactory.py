@@ -1,6 +1,6 @@
 """The quick preset vs LLaMA-Factory's own CLI: same data, one epoch, same batch size and LoRA/optimizer settings.
 
-    python bench/bench_llamafactory.py --lf-python /path/to/venv/bin/python [--device cpu|cuda] [--batch 8]
+    python bench/bench_llamafactory.py --lf-python /path/to/venv/bin/python [--device cpu|cuda] [--batch 8] [--seeds 42]
 
 LLaMA-Factory pins older transformers/peft/trl than the studio, so it lives in a virtual env of its own:
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--preset", default="quick-cpu")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--eval-rows", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42],
+                   help="one pair of runs per seed; held-out losses are averaged, the speedup is the median")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
@@ -82,33 +85,55 @@ def main() -> None:
         "file_name": str(train_file), "formatting": "sharegpt", "columns": {"messages": "messages"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                  "system_tag": "system"}}}))
-    lf_config = out / "llamafactory.yaml"
-    lf_config.write_text(yaml.safe_dump(llamafactory_config(model_path, out, out / "lf", preset, args.batch, bf16)))
     stub = out / "stub"
     (stub / "torchaudio").mkdir(parents=True)
     (stub / "torchaudio" / "__init__.py").write_text("")
 
-    studio_cmd = studio_command(preset_path, out, train_file, args.batch, "train.max_steps=0", "train.epochs=1",
-                                "train.save_steps=100000")
-    lf_cmd = ["env", f"PYTHONPATH={stub}", "HF_HUB_OFFLINE=1", "DISABLE_VERSION_CHECK=1", args.lf_python, "-m",
-              "llamafactory.cli", "train", str(lf_config)]
+    studio_s, lf_s, studio_losses, lf_losses, studio_rss, lf_rss = [], [], [], [], [], []
+    tokens = None
+    for i, seed in enumerate(args.seeds):
+        where = out / f"seed{seed}"
+        where.mkdir()
+        config = llamafactory_config(model_path, out, where / "lf", preset, args.batch, bf16)
+        lf_config = where / "llamafactory.yaml"
+        lf_config.write_text(yaml.safe_dump({**config, "seed": seed}))
+        studio_cmd = studio_command(preset_path, where, train_file, args.batch, "train.max_steps=0", "train.epochs=1",
+                                    "train.save_steps=100000", f"train.seed={seed}")
+        lf_cmd = ["env", f"PYTHONPATH={stub}", "HF_HUB_OFFLINE=1", "DISABLE_VERSION_CHECK=1", args.lf_python, "-m",
+                  "llamafactory.cli", "train", str(lf_config)]
 
-    studio, studio_wall, studio_rss = run_studio(studio_cmd, out)
-    print("llamafactory:", " ".join(lf_cmd), flush=True)
-    lf_wall, lf_rss = run_measured(lf_cmd, out / "lf.log")
-    lf = json.loads((out / "lf" / "all_results.json").read_text())
+        def lf_run():
+            print("llamafactory:", " ".join(lf_cmd), flush=True)
+            return run_measured(lf_cmd, where / "lf.log")
 
-    studio_loss = heldout_loss(out / "studio" / "adapter", eval_file, args.device)
-    lf_loss = heldout_loss(out / "lf", eval_file, args.device)
-    tokens = studio["num_tokens"]  # the same rows, once each, in both
+        # Alternate which runs first: the machine's speed drifts over minutes.
+        if i % 2 == 0:
+            studio, _, s_rss = run_studio(studio_cmd, where)
+            _, l_rss = lf_run()
+        else:
+            _, l_rss = lf_run()
+            studio, _, s_rss = run_studio(studio_cmd, where)
+        lf = json.loads((where / "lf" / "all_results.json").read_text())
+        tokens = studio["num_tokens"]  # the same rows, once each, in both
+        studio_s.append(studio["train_seconds"])
+        lf_s.append(round(lf["train_runtime"], 1))
+        studio_rss.append(s_rss)
+        lf_rss.append(l_rss)
+        studio_losses.append(round(heldout_loss(where / "studio" / "adapter", eval_file, args.device), 4))
+        lf_losses.append(round(heldout_loss(where / "lf", eval_file, args.device), 4))
+        print(f"seed {seed}: studio {studio_s[-1]} s, loss {studio_losses[-1]}; "
+              f"LLaMA-Factory {lf_s[-1]} s, loss {lf_losses[-1]}", flush=True)
+
+    speedups = [round(b / a, 2) for a, b in zip(studio_s, lf_s)]
     summary = {
-        "tokens": tokens, "studio_train_s": studio["train_seconds"], "lf_train_s": round(lf["train_runtime"], 1),
-        "studio_tokens_per_s": round(tokens / studio["train_seconds"], 1),
-        "lf_tokens_per_s": round(tokens / lf["train_runtime"], 1),
-        "speedup": round(lf["train_runtime"] / studio["train_seconds"], 2),
-        "studio_heldout_loss": round(studio_loss, 4), "lf_heldout_loss": round(lf_loss, 4),
-        "studio_peak_mb": round(studio_rss), "lf_peak_mb": round(lf_rss),
-        "studio_wall_s": round(studio_wall, 1), "lf_wall_s": round(lf_wall, 1), "out": str(out),
+        "seeds": args.seeds, "tokens": tokens, "studio_train_s": studio_s, "lf_train_s": lf_s,
+        "studio_tokens_per_s": [round(tokens / t, 1) for t in studio_s],
+        "lf_tokens_per_s": [round(tokens / t, 1) for t in lf_s],
+        "speedups": speedups, "speedup": statistics.median(speedups),
+        "studio_heldout_losses": studio_losses, "lf_heldout_losses": lf_losses,
+        "studio_heldout_loss": round(statistics.mean(studio_losses), 4),
+        "lf_heldout_loss": round(statistics.mean(lf_losses), 4),
+        "studio_peak_mb": round(max(studio_rss)), "lf_peak_mb": round(max(lf_rss)), "out": str(out),
     }
     print(json.dumps(summary, indent=2))
     if not args.no_record:
@@ -116,9 +141,17 @@ def main() -> None:
             "Quick preset vs LLaMA-Factory (1 epoch, same data and hyperparameters)", args.device,
             ["preset", "tokens", "studio tok/s", "LLaMA-Factory tok/s", "speedup", "studio held-out loss",
              "LLaMA-Factory held-out loss", "studio peak MB", "LLaMA-Factory peak MB"],
-            [args.preset, tokens, summary["studio_tokens_per_s"], summary["lf_tokens_per_s"],
-             f"{summary['speedup']}x", summary["studio_heldout_loss"], summary["lf_heldout_loss"],
+            [args.preset + (f", seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""), tokens,
+             " / ".join(map(str, summary["studio_tokens_per_s"])), " / ".join(map(str, summary["lf_tokens_per_s"])),
+             f"{summary['speedup']}x" + (f" (median of {', '.join(f'{x}x' for x in speedups)})"
+                                         if len(speedups) > 1 else ""),
+             _mean_of(studio_losses), _mean_of(lf_losses),
              summary["studio_peak_mb"], summary["lf_peak_mb"]], command_line()))
+
+
+def _mean_of(values: list[float]) -> str:
+    mean = f"{statistics.mean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean} ({', '.join(map(str, values))})"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Training throughput: the studio's CLI with a preset vs the tutorial recipe, same model, data and steps.
 
-    python bench/bench_train.py [--device cpu|cuda] [--preset quick-cpu] [--steps 30] [--batch 8]
+    python bench/bench_train.py [--device cpu|cuda] [--preset quick-cpu] [--steps 30] [--batch 8] [--repeats 1]
 
 Both train from the same rows for the same number of optimizer steps at the same batch size.
 Then both adapters are scored the same way, by this script: the loss on the answers of held-out rows.
+With --repeats N the two alternate (studio first in even repeats, recipe first in odd ones) and the
+speedup is the median of the N pairs: on a shared 2-core VM the same run's tokens/s drifts by up
+to a third over minutes, so one pair can land in different phases.
 Prints a summary and appends a row to bench/RESULTS.md.
 """
 
@@ -13,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -117,6 +121,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra overrides for the studio run (e.g. to apply GPU preset settings)")
     p.add_argument("--eval-rows", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=1, help="studio/recipe pairs, alternating which runs first")
     p.add_argument("--no-record", action="store_true", help="print only; don't append to RESULTS.md")
     args = p.parse_args()
 
@@ -128,33 +133,53 @@ def main() -> None:
     train_file, eval_file = split_rows(Path(resolve_source("sample:persona")), out, args.eval_rows)
     model_path = resolve_model("embedded").path
 
-    studio_cmd = studio_command(REPO / "presets" / f"{args.preset}.yaml", out, train_file, args.batch,
-                                f"train.max_steps={args.steps}", f"train.save_steps={args.steps}", *args.overrides)
-    recipe_cmd = [sys.executable, str(BENCH / "tutorial_recipe.py"), "--model", model_path, "--train",
-                  str(train_file), "--steps", str(args.steps), "--batch", str(args.batch), "--out",
-                  str(out / "recipe"), "--device", args.device]
+    pairs = []
+    for repeat in range(args.repeats):
+        where = out / f"r{repeat}" if args.repeats > 1 else out
+        where.mkdir(exist_ok=True)
+        studio_cmd = studio_command(REPO / "presets" / f"{args.preset}.yaml", where, train_file, args.batch,
+                                    f"train.max_steps={args.steps}", f"train.save_steps={args.steps}", *args.overrides)
+        recipe_cmd = [sys.executable, str(BENCH / "tutorial_recipe.py"), "--model", model_path, "--train",
+                      str(train_file), "--steps", str(args.steps), "--batch", str(args.batch), "--out",
+                      str(where / "recipe"), "--device", args.device]
 
-    studio, studio_wall, studio_rss = run_studio(studio_cmd, out)
-    print("recipe:", " ".join(recipe_cmd), flush=True)
-    recipe_wall, recipe_rss = run_measured(recipe_cmd, out / "recipe.log")
-    recipe = json.loads((out / "recipe" / "summary.json").read_text())
+        def recipe_run():
+            print("recipe:", " ".join(recipe_cmd), flush=True)
+            return run_measured(recipe_cmd, where / "recipe.log")
 
-    studio_loss = heldout_loss(out / "studio" / "adapter", eval_file, args.device)
-    recipe_loss = heldout_loss(out / "recipe" / "adapter", eval_file, args.device)
-    studio_tps, recipe_tps = studio["tokens_per_s"], recipe["tokens_per_s"]
+        if repeat % 2 == 0:
+            studio, studio_wall, studio_rss = run_studio(studio_cmd, where)
+            recipe_wall, recipe_rss = recipe_run()
+        else:
+            recipe_wall, recipe_rss = recipe_run()
+            studio, studio_wall, studio_rss = run_studio(studio_cmd, where)
+        recipe = json.loads((where / "recipe" / "summary.json").read_text())
+        pairs.append((where, studio, recipe, studio_wall, recipe_wall, studio_rss, recipe_rss))
+        print(f"repeat {repeat + 1}: studio {studio['tokens_per_s']} tok/s, recipe {recipe['tokens_per_s']:.1f} tok/s",
+              flush=True)
+
+    # Held-out loss of the first pair (the same seed and config train the same adapters each time).
+    where, studio, recipe, studio_wall, recipe_wall, _, _ = pairs[0]
+    studio_loss = heldout_loss(where / "studio" / "adapter", eval_file, args.device)
+    recipe_loss = heldout_loss(where / "recipe" / "adapter", eval_file, args.device)
+    studio_tps = [p[1]["tokens_per_s"] for p in pairs]
+    recipe_tps = [round(p[2]["tokens_per_s"], 1) for p in pairs]
+    speedups = [round(a / b, 2) for a, b in zip(studio_tps, recipe_tps)]
+    speedup = statistics.median(speedups)
     if args.device == "cuda":
-        studio_mem, recipe_mem = studio["peak_memory_mb"], recipe["peak_mb"]
+        studio_mem = max(p[1]["peak_memory_mb"] for p in pairs)
+        recipe_mem = max(p[2]["peak_mb"] for p in pairs)
     else:
-        studio_mem, recipe_mem = studio_rss, recipe_rss
+        studio_mem, recipe_mem = max(p[5] for p in pairs), max(p[6] for p in pairs)
     summary = {
-        "studio_tokens_per_s": studio_tps, "recipe_tokens_per_s": round(recipe_tps, 1),
-        "speedup": round(studio_tps / recipe_tps, 2),
+        "studio_tokens_per_s": studio_tps, "recipe_tokens_per_s": recipe_tps, "speedups": speedups,
+        "speedup": round(speedup, 2),
         "studio_peak_mb": round(studio_mem), "recipe_peak_mb": round(recipe_mem),
         "studio_heldout_loss": round(studio_loss, 4), "recipe_heldout_loss": round(recipe_loss, 4),
         "loss_ratio": round(studio_loss / recipe_loss, 3) if recipe_loss and math.isfinite(recipe_loss) else None,
-        "studio_train_s": studio["train_seconds"], "recipe_train_s": round(recipe["seconds"], 1),
-        "studio_wall_s": round(studio_wall, 1), "recipe_wall_s": round(recipe_wall, 1),
-        "steps": args.steps, "batch": args.batch, "preset": args.preset,
+        "studio_train_s": [p[1]["train_seconds"] for p in pairs],
+        "recipe_train_s": [round(p[2]["seconds"], 1) for p in pairs],
+        "steps": args.steps, "batch": args.batch, "preset": args.preset, "out": str(out),
     }
     print(json.dumps(summary, indent=2))
     if not args.no_record:
@@ -162,8 +187,11 @@ def main() -> None:
             "Training throughput: studio preset vs tutorial recipe", args.device,
             ["preset", "steps x batch", "studio tok/s", "recipe tok/s", "speedup", "studio peak MB",
              "recipe peak MB", "studio held-out loss", "recipe held-out loss"],
-            [args.preset + (" " + " ".join(args.overrides) if args.overrides else ""), f"{args.steps}x{args.batch}",
-             studio_tps, summary["recipe_tokens_per_s"], f"{summary['speedup']}x", summary["studio_peak_mb"],
+            [args.preset + (" " + " ".join(args.overrides) if args.overrides else ""),
+             f"{args.steps}x{args.batch}" + (f" x {args.repeats}" if args.repeats > 1 else ""),
+             " / ".join(map(str, studio_tps)), " / ".join(map(str, recipe_tps)),
+             f"{summary['speedup']}x" + (f" (median of {', '.join(f'{x}x' for x in speedups)})"
+                                         if args.repeats > 1 else ""), summary["studio_peak_mb"],
              summary["recipe_peak_mb"], summary["studio_heldout_loss"], summary["recipe_heldout_loss"]],
             command_line())
         print(row)

@@ -11,6 +11,9 @@
    being written to the chart showing it.
 3. Stops the app, then trains the same saved config.yaml with the CLI, nothing else running.
    tokens/s of each come from their run.json (the trainer's own count over its training time).
+4. With --repeats N, pairs alternate which runs first (app, CLI, CLI, app, ...) and the ratio is
+   the median of the pairs' ratios (the ratio of the totals is printed too): on a shared 2-core VM
+   one run's tokens/s drifts by up to a third over minutes (bench/RESULTS.md).
 
 Appends a row to "UI overhead" and one to "Metrics to screen" in bench/RESULTS.md.
 """
@@ -155,44 +158,60 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--preset", default="quick-cpu")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=1, help="app/CLI pairs; the ratio uses the totals")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="app/CLI pairs, alternating which runs first; the ratio is their median")
     p.add_argument("--timeout", type=float, default=3600, help="seconds one run may take")
     p.add_argument("--no-record", action="store_true", help="print only; don't append to RESULTS.md")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ui-"))
     app_tps, cli_tps, latencies, app_s, cli_s = [], [], [], [], []
-    for repeat in range(args.repeats):
+    config = None  # every app run saves the same config.yaml (only its name differs)
+
+    def cli_run(repeat: int) -> dict:
+        name = f"cli-{repeat}"
+        cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(config),
+               "--set", f"output_dir={work / 'cli'}", "--set", f"run_name={name}"]
+        print("cli:", " ".join(cmd), flush=True)
+        with open(work / f"{name}.log", "w") as log:
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        return json.loads((work / "cli" / name / "run.json").read_text())
+
+    def app_run() -> dict:
+        nonlocal config
         proc, url = start_app(work)
         try:
             run_name, seen = train_in_browser(url, work / "runs", args.preset, args.steps, args.timeout)
         finally:
             stop_app(proc)
-        app_run = work / "runs" / run_name
-        app_info = json.loads((app_run / "run.json").read_text())
-        rows = train_rows(app_run)
+        run = work / "runs" / run_name
+        rows = train_rows(run)
         missing = [r["step"] for r in rows if r["step"] not in seen]
         if missing:
             raise SystemExit(f"the chart never showed steps {missing}")
-        latencies += [seen[r["step"]] / 1000 - r["wall_time"] for r in rows]
+        latencies.extend(seen[r["step"]] / 1000 - r["wall_time"] for r in rows)
+        config = run / "config.yaml"
+        return json.loads((run / "run.json").read_text())
 
-        cli_name = f"cli-{repeat}"
-        cmd = [sys.executable, "-m", "qlora_studio.cli", "train", str(app_run / "config.yaml"),
-               "--set", f"output_dir={work / 'cli'}", "--set", f"run_name={cli_name}"]
-        print("cli:", " ".join(cmd), flush=True)
-        with open(work / f"{cli_name}.log", "w") as log:
-            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
-        cli_info = json.loads((work / "cli" / cli_name / "run.json").read_text())
+    for repeat in range(args.repeats):
+        # App first in even repeats, CLI first in odd ones: the machine's speed drifts over minutes.
+        if repeat % 2 == 0:
+            app_info = app_run()
+            cli_info = cli_run(repeat)
+        else:
+            cli_info = cli_run(repeat)
+            app_info = app_run()
         app_tps.append(app_info["tokens_per_s"])
         cli_tps.append(cli_info["tokens_per_s"])
         app_s.append(app_info["train_seconds"])
         cli_s.append(cli_info["train_seconds"])
         print(f"repeat {repeat + 1}: app {app_tps[-1]} tok/s, CLI {cli_tps[-1]} tok/s", flush=True)
 
-    # Same config, so the same tokens: the ratio of total times is the ratio of throughputs.
-    ratio = sum(cli_s) / sum(app_s)
+    # Same config, so the same tokens: a ratio of times is the ratio of throughputs.
+    pair_ratios = [round(c / a, 3) for c, a in zip(cli_s, app_s)]
     summary = {
-        "app_tokens_per_s": app_tps, "cli_tokens_per_s": cli_tps, "ratio": round(ratio, 3),
+        "app_tokens_per_s": app_tps, "cli_tokens_per_s": cli_tps, "pair_ratios": pair_ratios,
+        "ratio": round(statistics.median(pair_ratios), 3), "ratio_of_totals": round(sum(cli_s) / sum(app_s), 3),
         "app_train_s": app_s, "cli_train_s": cli_s,
         "latency_median_s": round(statistics.median(latencies), 3),
         "latency_p90_s": round(percentile(latencies, 0.9), 3), "latency_max_s": round(max(latencies), 3),
@@ -206,7 +225,9 @@ def main() -> None:
         "UI overhead: run launched from the app (browser open) vs the CLI", args.device,
         ["setup", "app tok/s", "CLI tok/s", "app train s", "CLI train s", "ratio (≥0.95)"],
         [setup, " / ".join(map(str, app_tps)), " / ".join(map(str, cli_tps)), round(sum(app_s), 1),
-         round(sum(cli_s), 1), summary["ratio"]], command_line()))
+         round(sum(cli_s), 1), f"{summary['ratio']}" + (
+             f" (median of {', '.join(map(str, pair_ratios))}; totals {summary['ratio_of_totals']})"
+             if args.repeats > 1 else "")], command_line()))
     print(append_result(
         "Metrics to screen: metrics.jsonl line written to point on the chart", args.device,
         ["setup", "points", "median s", "p90 s", "max s", "page poll"],
