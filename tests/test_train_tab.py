@@ -369,6 +369,14 @@ def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monk
         assert list(figure.data[0].x) == [1, 2] and 'data-step="2"' in progress
         assert all(is_skip(o) for o in (status, log, table, dropdown, session_run))
 
+        # A new step in status.json moves the progress bar only: the status line shows the state,
+        # and redrawing it on every step costs the browser (bench/bench_ui.py).
+        stepped = {**json.loads((run / "status.json").read_text()), "step": 3}
+        write_json_atomic(run / "status.json", stepped)
+        figure, progress, status, *rest = await asyncio.wait_for(anext(stream), 5)
+        assert 'data-step="3"' in progress and is_skip(status) and is_skip(figure)
+        assert all(is_skip(o) for o in rest)
+
         write_json_atomic(run / "status.json", {"state": "completed", "step": 2, "max_steps": 2, "pid": None})
         out = await asyncio.wait_for(anext(stream), 5)
         assert 'data-state="completed"' in out[2] and out[5]["value"] == "live"  # history follows the state
