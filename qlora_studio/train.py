@@ -516,13 +516,26 @@ def _resolve_run(config: StudioConfig, resume: bool) -> tuple[StudioConfig, Path
 
 def _clear_stale_stop(run_dir: Path) -> None:
     """A STOP left by an earlier stop must not end this process; one written since it started must."""
-    import psutil
     stop_file = run_dir / STOP_FILE
     try:
-        if stop_file.stat().st_mtime < psutil.Process().create_time():
+        if stop_file.stat().st_mtime < _started_at():
             stop_file.unlink()
     except FileNotFoundError:
         pass
+
+
+def _started_at() -> float:
+    """This process's start as wall-clock time. psutil derives it from the boot time in whole
+    seconds, which on a VM can read a second or more early: a STOP written just before a quick
+    resume then looked newer than the process and stopped it again at once."""
+    try:
+        with open("/proc/self/stat") as handle:
+            ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError, IndexError):
+        import psutil
+        return psutil.Process().create_time()
 
 
 def _record_cost(run_info: dict, trainer, seconds: float) -> None:

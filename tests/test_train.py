@@ -31,7 +31,8 @@ def test_quick_preset_leaves_a_complete_run_folder(trained_run):
     assert status["state"] == "completed", status
     config = StudioConfig.load(trained_run)
     info = json.loads((trained_run / "run.json").read_text())
-    assert info["requested_compute_dtype"] == "auto"
+    preset = StudioConfig.load(Path(__file__).resolve().parent.parent / "presets" / "quick-cpu.yaml")
+    assert info["requested_compute_dtype"] == preset.quant.compute_dtype
     assert config.quant.compute_dtype == info["compute_dtype"] in ("bf16", "fp32")
     assert info["model"]["display_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert info["data"]["rows_used"] > 100
