@@ -278,7 +278,9 @@ def test_train_tab_offers_gpus_only_with_several_and_launches_on_them(tmp_path, 
     runs = tmp_path / "runs"
     settings = AppSettings(runs_root=runs, uploads_dir=tmp_path / "u", allowed_data_dirs=[])
     ctx = StudioContext(settings=settings, trainer=FakeTrainer(runs), hardware=TWO_GPUS)
-    values = tab.config_values(ctx, form.load_preset("quick-cpu").with_overrides(["run_name=wide"]))
+    # The quick preset computes in fp32 (fastest on CPU); FSDP + QLoRA needs bf16, as on a GPU box.
+    values = tab.config_values(ctx, form.load_preset("quick-cpu").with_overrides(
+        ["run_name=wide", "quant.compute_dtype=auto"]))
     _, one_gpu, _, command = tab.preview(ctx, values, "quick-cpu")
     assert "each of" not in one_gpu and "--gpus" not in command
     validation, two_gpus, _, command = tab.preview(ctx, values, "quick-cpu", 2, True)
