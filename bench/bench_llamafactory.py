@@ -29,7 +29,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from bench_train import heldout_loss, run_measured, run_studio, split_rows, studio_command  # noqa: E402
-from common import append_result, command_line  # noqa: E402
+from common import alternate, append_result, command_line  # noqa: E402
 
 REPO = BENCH.parent
 
@@ -106,13 +106,7 @@ def main() -> None:
             print("llamafactory:", " ".join(lf_cmd), flush=True)
             return run_measured(lf_cmd, where / "lf.log")
 
-        # Alternate which runs first: the machine's speed drifts over minutes.
-        if i % 2 == 0:
-            studio, _, s_rss = run_studio(studio_cmd, where)
-            _, l_rss = lf_run()
-        else:
-            _, l_rss = lf_run()
-            studio, _, s_rss = run_studio(studio_cmd, where)
+        (studio, _, s_rss), (_, l_rss) = alternate(i, lambda: run_studio(studio_cmd, where), lf_run)
         lf = json.loads((where / "lf" / "all_results.json").read_text())
         tokens = studio["num_tokens"]  # the same rows, once each, in both
         studio_s.append(studio["train_seconds"])

@@ -27,7 +27,7 @@ import psutil
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import append_result, command_line  # noqa: E402
+from common import alternate, append_result, command_line  # noqa: E402
 
 REPO = BENCH.parent
 
@@ -147,12 +147,8 @@ def main() -> None:
             print("recipe:", " ".join(recipe_cmd), flush=True)
             return run_measured(recipe_cmd, where / "recipe.log")
 
-        if repeat % 2 == 0:
-            studio, studio_wall, studio_rss = run_studio(studio_cmd, where)
-            recipe_wall, recipe_rss = recipe_run()
-        else:
-            recipe_wall, recipe_rss = recipe_run()
-            studio, studio_wall, studio_rss = run_studio(studio_cmd, where)
+        (studio, studio_wall, studio_rss), (recipe_wall, recipe_rss) = alternate(
+            repeat, lambda: run_studio(studio_cmd, where), recipe_run)
         recipe = json.loads((where / "recipe" / "summary.json").read_text())
         pairs.append((where, studio, recipe, studio_wall, recipe_wall, studio_rss, recipe_rss))
         print(f"repeat {repeat + 1}: studio {studio['tokens_per_s']} tok/s, recipe {recipe['tokens_per_s']:.1f} tok/s",

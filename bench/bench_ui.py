@@ -34,7 +34,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from common import append_result, command_line  # noqa: E402
+from common import alternate, append_result, command_line  # noqa: E402
 
 REPO = BENCH.parent
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -194,13 +194,8 @@ def main() -> None:
         return json.loads((run / "run.json").read_text())
 
     for repeat in range(args.repeats):
-        # App first in even repeats, CLI first in odd ones: the machine's speed drifts over minutes.
-        if repeat % 2 == 0:
-            app_info = app_run()
-            cli_info = cli_run(repeat)
-        else:
-            cli_info = cli_run(repeat)
-            app_info = app_run()
+        # Repeat 0 starts with the app: its run writes the config.yaml the CLI trains.
+        app_info, cli_info = alternate(repeat, app_run, lambda: cli_run(repeat))
         app_tps.append(app_info["tokens_per_s"])
         cli_tps.append(cli_info["tokens_per_s"])
         app_s.append(app_info["train_seconds"])

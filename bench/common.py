@@ -64,5 +64,15 @@ def append_result(section: str, device: str, header: list[str], row: list, comma
     return line
 
 
+def alternate(repeat: int, ours, theirs) -> tuple:
+    """Run `ours()` and `theirs()`, ours first in even repeats and theirs first in odd ones, since this
+    machine's speed drifts over minutes; return (ours' result, theirs' result)."""
+    if repeat % 2 == 0:
+        first = ours()
+        return first, theirs()
+    second = theirs()
+    return ours(), second
+
+
 def command_line() -> str:
     return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
