@@ -13,6 +13,11 @@ start-up (text training never calls it), so this script puts an empty `torchaudi
 Both train one epoch over the same rows (held-out rows removed) with the same hyperparameters; speed
 settings are each tool's own defaults. Both process the same tokens, so time decides tokens/s.
 Both adapters are scored by bench_train.heldout_loss on the same held-out answers.
+
+Rows without a system message get, in the training file both tools read, the system prompt the
+model's own chat template adds to such rows: LLaMA-Factory's `smollm2` template has a default of
+its own ("... by Hugging Face." with a final period), which would train half the rows on other
+text than the studio does. With --own-default-system LLaMA-Factory keeps its default.
 """
 
 from __future__ import annotations
@@ -53,6 +58,30 @@ def llamafactory_config(model_path: str, data_dir: Path, out: Path, preset: dict
     }
 
 
+def template_default_system(tokenizer) -> str:
+    """The system prompt the model's chat template adds to a conversation without one ('' if none)."""
+    probe, user = "SYSTEM-PROBE-7f3a", [{"role": "user", "content": "USER-PROBE-7f3a"}]
+    plain = tokenizer.apply_chat_template(user, tokenize=False)
+    with_system = tokenizer.apply_chat_template([{"role": "system", "content": probe}, *user], tokenize=False)
+    head, rest = with_system.split(probe, 1)
+    if not plain.startswith(head) or not plain.endswith(rest):
+        return ""
+    return plain[len(head):len(plain) - len(rest)]
+
+
+def with_system_prompt(source: Path, target: Path, system: str) -> int:
+    """Copy messages rows, giving `system` to those without a system message; return how many got it."""
+    rows, added = [], 0
+    for line in source.read_text().splitlines():
+        row = json.loads(line)
+        if system and row["messages"][0]["role"] != "system":
+            row["messages"] = [{"role": "system", "content": system}, *row["messages"]]
+            added += 1
+        rows.append(json.dumps(row))
+    target.write_text("\n".join(rows) + "\n")
+    return added
+
+
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -67,16 +96,23 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[42],
                    help="one pair of runs per seed; held-out losses are averaged, the speedup is the median")
+    p.add_argument("--own-default-system", action="store_true",
+                   help="leave rows without a system message to LLaMA-Factory's template default")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
     from qlora_studio.data import resolve_source
-    from qlora_studio.models import detect_hardware, resolve_compute_dtype, resolve_model
+    from qlora_studio.models import detect_hardware, load_tokenizer, resolve_compute_dtype, resolve_model
 
     out = BENCH / "out" / ("lf-" + time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True)
     train_file, eval_file = split_rows(Path(resolve_source("sample:persona")), out, args.eval_rows)
     model_path = resolve_model("embedded").path
+    if not args.own_default_system:
+        system = template_default_system(load_tokenizer(model_path))
+        added = with_system_prompt(train_file, out / "train-system.jsonl", system)
+        train_file = out / "train-system.jsonl"
+        print(f"{added} training rows given the model's default system prompt {system!r}", flush=True)
     preset_path = REPO / "presets" / f"{args.preset}.yaml"
     preset = yaml.safe_load(preset_path.read_text())
     bf16 = resolve_compute_dtype(preset["quant"]["compute_dtype"], detect_hardware(args.device)) == "bf16"
@@ -135,7 +171,9 @@ def main() -> None:
             "Quick preset vs LLaMA-Factory (1 epoch, same data and hyperparameters)", args.device,
             ["preset", "tokens", "studio tok/s", "LLaMA-Factory tok/s", "speedup", "studio held-out loss",
              "LLaMA-Factory held-out loss", "studio peak MB", "LLaMA-Factory peak MB"],
-            [args.preset + (f", seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""), tokens,
+            [args.preset + (f", seeds {' '.join(map(str, args.seeds))}" if len(args.seeds) > 1 else "")
+             + (", LLaMA-Factory's default system prompt" if args.own_default_system else ", same system prompts"),
+             tokens,
              " / ".join(map(str, summary["studio_tokens_per_s"])), " / ".join(map(str, summary["lf_tokens_per_s"])),
              f"{summary['speedup']}x" + (f" (median of {', '.join(f'{x}x' for x in speedups)})"
                                          if len(speedups) > 1 else ""),
