@@ -6,7 +6,7 @@
 // frame IDLE_FPS times a second; any input restores the browser's full rate. Loops still
 // advance, just slower, and all of them share one frame.
 (() => {
-  const IDLE_FPS = 2;
+  const IDLE_FPS = 1;
   const ACTIVE_MS = 2000;
   const nativeRequest = window.requestAnimationFrame.bind(window);
   const nativeCancel = window.cancelAnimationFrame.bind(window);

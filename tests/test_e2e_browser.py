@@ -107,6 +107,29 @@ def loss_points(page) -> int:
     return next((t["points"] for t in visible_traces(page) if t["name"] == "train loss"), -1)
 
 
+def chart_sizes(page) -> list[tuple[int, int]]:
+    """(drawn width, element width) of each chart in the open tab."""
+    return [tuple(size) for size in page.evaluate("""() =>
+        [...document.querySelectorAll('[role=tabpanel] .js-plotly-plot')].filter(p => p.offsetParent)
+            .map(p => [Math.round(p._fullLayout.width), p.clientWidth])""")]
+
+
+def chart_follows_the_window(page) -> None:
+    """assets/plot_resize.js skips Plotly's redundant resize pass on updates; real resizes still redraw."""
+    assert page.evaluate("() => window.Plotly.Plots.resize.qlorastudio === true")
+    viewport = page.viewport_size
+    before = chart_sizes(page)
+    assert before and all(drawn == width for drawn, width in before), before
+    page.set_viewport_size({**viewport, "width": viewport["width"] - 300})
+    try:
+        after = wait_until(lambda: (sizes := chart_sizes(page)) != before and all(d == w for d, w in sizes) and sizes,
+                           time.monotonic() + 10, "the charts to redraw at the narrower width")
+        assert all(width < old for (width, _), (old, _) in zip(after, before)), (before, after)
+    finally:
+        page.set_viewport_size(viewport)
+    wait_until(lambda: chart_sizes(page) == before, time.monotonic() + 10, "the charts to widen again")
+
+
 def wait_until(condition, deadline: float, what: str, poll_s: float = 0.5):
     """Poll `condition` until it returns something truthy (returned) or the monotonic `deadline` passes."""
     while time.monotonic() < deadline:
@@ -188,6 +211,7 @@ def train(page) -> str:
     expect(status).to_contain_text(f"finished {TRAIN_STEPS} steps")
     assert loss_points(page) == TRAIN_STEPS
     expect(panel.locator(".qs-progress")).to_have_attribute("data-step", str(TRAIN_STEPS))
+    chart_follows_the_window(page)
     shoot(page, "train", page.get_by_text("Live run", exact=True))
     return run_name
 
@@ -318,6 +342,6 @@ def test_an_idle_page_costs_the_machine_almost_nothing(page, running_app):
     callers = page.evaluate("window.__callers")
     assert requests == [], f"an idle page should not poll the server: {requests}"
     # Unpaced, each of Gradio's leftover loops asks for 60 frames a second (300 here); paced, all
-    # of them share 2 frames a second (10 here).
+    # of them share 1 frame a second (5 here).
     assert frames <= 40, f"{frames} animation frames in 5 idle seconds, asked for by {callers}"
     assert not page.uncaught_errors, page.uncaught_errors

@@ -1,10 +1,10 @@
-"""The middleware that puts the frame-pacing script first in the app's HTML <head>."""
+"""The middleware that puts our page scripts (frame pacing, plot resize) first in the app's HTML <head>."""
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from qlora_studio.ui.page_head import FRAME_PACING_JS, HeadScript, frame_pacing_middleware
+from qlora_studio.ui.page_head import HEAD_SCRIPTS, HeadScript, head_scripts_middleware
 
 PAGE = '<!doctype html><html><HEAD lang="en"><script type="module" src="/assets/index.js"></script></head><body/></html>'
 
@@ -37,7 +37,8 @@ def test_other_responses_pass_through_untouched():
     assert c.post("/").text == PAGE  # only page loads (GET) are patched
 
 
-def test_the_shipped_script_is_the_one_injected():
-    middleware = frame_pacing_middleware()
-    assert middleware.kwargs["script"] == FRAME_PACING_JS.read_text()
-    assert "requestAnimationFrame" in middleware.kwargs["script"]
+def test_the_shipped_scripts_are_the_ones_injected():
+    script = head_scripts_middleware().kwargs["script"]
+    assert [path.name for path in HEAD_SCRIPTS] == ["frame_pacing.js", "plot_resize.js"]
+    assert all(path.read_text() in script for path in HEAD_SCRIPTS)
+    assert "requestAnimationFrame" in script and "Plots.resize" in script

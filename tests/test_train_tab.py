@@ -21,6 +21,7 @@ from qlora_studio.supervisor import TrainerSupervisor
 from qlora_studio.ui import train_form as form
 from qlora_studio.ui import train_tab as tab
 from qlora_studio.ui.context import AppSettings, SessionStates, StudioContext
+from qlora_studio.ui.train_live import loss_figure, progress_html, smooth, traces
 
 REPO = Path(__file__).resolve().parent.parent
 SKIP = gr.skip()
@@ -256,9 +257,9 @@ def test_history_table_compare_and_load_config(ctx):
     assert row["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and row["dataset"] == "sample:persona"
 
     fig = tab.compare_runs(ctx, ["alpha", "beta"])
-    names_drawn = [t.name for t in fig.data]
+    names_drawn = [t["name"] for t in traces(fig)]
     assert names_drawn == ["alpha · train", "alpha · eval", "beta · train", "beta · eval"]
-    assert list(fig.data[0].x) == [1, 2, 3]
+    assert traces(fig)[0]["x"] == [1, 2, 3]
 
     values = tab.load_run_config(ctx, "alpha")
     plain = [v["value"] if isinstance(v, dict) else v for v in values]
@@ -269,7 +270,7 @@ def test_history_table_compare_and_load_config(ctx):
 
     watch, session_run, figure, progress, status, log = tab.select_run(ctx, "beta")
     assert session_run == str(ctx.runs_root / "beta") and watch["run"] == session_run
-    assert [t.name for t in figure.data] == ["train loss", "train loss (smoothed)", "eval loss", "learning rate"]
+    assert [t["name"] for t in traces(figure)] == ["train loss", "train loss (smoothed)", "eval loss"]
     assert 'data-step="2" data-total="40"' in progress and 'data-state="stopped"' in status
     assert log.splitlines() == [f"line {i}" for i in range(70, 100)]
     table_update = tab.refresh_history(ctx, "beta", ["alpha", "gone"])
@@ -309,7 +310,7 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
 
     def two_points(watch, out):
         if not is_skip(out[1]) and watch["status"].get("state") == "running":
-            points_shown.append(len(out[1].data[0].x))
+            points_shown.append(len(traces(out[1])[0]["x"]))
         return n_train(watch) >= 2 or finished(watch, out)
 
     watch_a, _ = watch_until(ctx, watch_a, two_points)
@@ -336,7 +337,7 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
     for w in (watch_a, watch_b, resumed):
         assert [r["step"] for r in w["rows"] if r["type"] == "train"] == [1, 2, 3, 4, 5]
     last = {i: next(o[i] for o in reversed(outputs) if not is_skip(o[i])) for i in (1, 2, 3, 4, 5)}
-    assert list(last[1].data[0].x) == [1, 2, 3, 4, 5]
+    assert traces(last[1])[0]["x"] == [1, 2, 3, 4, 5]
     assert 'data-step="5" data-total="5"' in last[2] and 'data-state="completed"' in last[3]
     assert "step 5/5" in last[4] and "resuming" in last[4]
     row = last[5][last[5]["name"] == "live"].iloc[0]
@@ -346,6 +347,26 @@ def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
     assert all(is_skip(o) for o in tab.tick(ctx, watch_a))
     assert "only a stopped or failed run" in tab.resume_training(ctx, "live")[0]
     assert "Nothing is training." in tab.stop_training(ctx, watch_a)
+
+
+def test_the_loss_chart_is_lean_plotly_json_and_survives_a_diverged_step():
+    rows = [{"type": "train", "step": step, "loss": loss, "learning_rate": 1e-4}
+            for step, loss in ((1, 3.0), (2, float("nan")), (3, 2.0))]
+    rows.append({"type": "eval", "step": 3, "eval_loss": 2.5})
+    figure = loss_figure(rows, "run-a")
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON the browser can parse")
+
+    spec = json.loads(figure.plot, parse_constant=no_nan)
+    raw, smoothed, evals = spec["data"]
+    assert raw["y"] == [3.0, None, 2.0] and smoothed["y"][1] is None and 2.0 < smoothed["y"][2] < 3.0
+    assert evals["x"] == [3] and evals["y"] == [2.5]
+    # Sent on every step: no plotly template for the browser to merge, the user's zoom kept per run.
+    assert "template" not in spec["layout"] and spec["layout"]["uirevision"] == "run-a"
+    assert smooth([1.0, float("inf"), 1.0])[2] == pytest.approx(1.0)
+    # The learning rate is a number in the progress line, not a panel redrawn on every step.
+    assert "<b>learning rate</b> 1.00e-04" in progress_html(rows, {"state": "running", "step": 3, "max_steps": 3})
 
 
 def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monkeypatch):
@@ -366,7 +387,7 @@ def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monk
         with (run / "metrics.jsonl").open("a") as f:
             f.write(json.dumps({"type": "train", "step": 2, "loss": 2.5, "learning_rate": 1e-4}) + "\n")
         figure, progress, status, log, table, dropdown, session_run = await asyncio.wait_for(pending, 5)
-        assert list(figure.data[0].x) == [1, 2] and 'data-step="2"' in progress
+        assert traces(figure)[0]["x"] == [1, 2] and 'data-step="2"' in progress
         assert all(is_skip(o) for o in (status, log, table, dropdown, session_run))
 
         # A new step in status.json moves the progress bar only: the status line shows the state,

@@ -7,7 +7,7 @@ import gradio as gr
 from ..paths import ASSETS_DIR
 from . import chat_tab, dataset_tab, export_tab, train_tab
 from .context import SessionStates, StudioContext
-from .page_head import frame_pacing_middleware
+from .page_head import head_scripts_middleware
 
 
 def _header(ctx: StudioContext) -> str:
@@ -59,7 +59,7 @@ def launch(ctx: StudioContext | None = None, **kwargs) -> None:
         max_file_size=f"{ctx.settings.max_upload_mb}mb",
         allowed_paths=[str(ctx.runs_root)],
         css=css_path.read_text() if css_path.exists() else None,
-        app_kwargs={"middleware": [frame_pacing_middleware()]},
+        app_kwargs={"middleware": [head_scripts_middleware()]},
         **kwargs,
     )
 
@@ -67,9 +67,10 @@ def launch(ctx: StudioContext | None = None, **kwargs) -> None:
 # Gradio's queue loops poll every 1 ms (events) and 10 ms (progress) when idle on Linux, its
 # values for Windows are 50 ms and 100 ms. 1100 wake-ups a second cost a training run on a
 # 2-core CPU far more than their ~8% of a core, since each one preempts a thread that its
-# OpenMP partner then waits for. The slower pace adds at most 50 ms before an event starts.
-QUEUE_IDLE_SLEEP_S = 0.05
-PROGRESS_IDLE_SLEEP_S = 0.1
+# OpenMP partner then waits for. The slower pace adds at most 100 ms before an event starts;
+# progress updates (gr.Progress, which no handler here uses) go out every half second.
+QUEUE_IDLE_SLEEP_S = 0.1
+PROGRESS_IDLE_SLEEP_S = 0.5
 
 
 def _calm_queue(demo: gr.Blocks) -> None:

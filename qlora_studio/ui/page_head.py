@@ -1,7 +1,8 @@
-"""Puts a script first in the <head> of the app's HTML pages, before Gradio's own module scripts.
+"""Puts our scripts first in the <head> of the app's HTML pages, before Gradio's own module scripts.
 
-Gradio's `head=` lands after its modules have run and kept their own reference to
-`requestAnimationFrame`, too late for assets/frame_pacing.js, which must wrap it before they do.
+Gradio's `head=` lands after its modules have run and kept their own references, too late for
+assets/frame_pacing.js (wraps `requestAnimationFrame`) and assets/plot_resize.js (patches
+`window.Plotly` as Gradio's chunk sets it), which must be in place before they do.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from starlette.middleware import Middleware
 
 from ..paths import ASSETS_DIR
 
-FRAME_PACING_JS = ASSETS_DIR / "frame_pacing.js"
+HEAD_SCRIPTS = (ASSETS_DIR / "frame_pacing.js", ASSETS_DIR / "plot_resize.js")
 
 
-def frame_pacing_middleware() -> Middleware:
-    return Middleware(HeadScript, script=FRAME_PACING_JS.read_text())
+def head_scripts_middleware() -> Middleware:
+    return Middleware(HeadScript, script="\n".join(path.read_text() for path in HEAD_SCRIPTS))
 
 
 class HeadScript:

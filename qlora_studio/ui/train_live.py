@@ -8,8 +8,12 @@ new bytes, so a tick on an unchanged run costs three stat() calls and no redraw.
 from __future__ import annotations
 
 import html
+import json
+import math
 import os
 from pathlib import Path
+
+from gradio.components.plot import PlotData
 
 from ..runs import read_metrics, read_status
 
@@ -96,73 +100,81 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     """Debiased exponential moving average (as TensorBoard draws it); smoother for longer runs."""
     if weight is None:
         weight = 0.6 if len(values) <= 25 else min(0.95, 1 - 10 / len(values))
-    out, last = [], 0.0
-    for n, value in enumerate(values, start=1):
+    out, last, n = [], 0.0, 0
+    for value in values:
+        if not math.isfinite(value):  # a nan/inf step leaves a gap, not a line lost from there on
+            out.append(math.nan)
+            continue
+        n += 1
         last = weight * last + (1 - weight) * value
         out.append(last / (1 - weight**n))
     return out
 
 
-def loss_figure(rows: list[dict], run_name: str = ""):
-    """Train loss (raw and smoothed) and eval loss by step; the learning rate in a panel below."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.72, 0.28], vertical_spacing=0.06)
+def loss_figure(rows: list[dict], run_name: str = "") -> PlotData:
+    """Train loss (raw and smoothed) and eval loss by step. (The learning rate is in the progress
+    line: a panel of its own cost the browser a quarter of each redraw while following a run.)"""
     train, evals = train_rows(rows), eval_rows(rows)
     steps = [r["step"] for r in train]
     losses = [r["loss"] for r in train]
     marker_mode = "lines+markers" if len(train) <= 60 else "lines"
-    fig.add_trace(go.Scatter(x=steps, y=losses, mode=marker_mode, name="train loss", opacity=0.35,
-                             line={"color": COLORS[0], "width": 1}, marker={"size": 4}), row=1, col=1)
-    fig.add_trace(go.Scatter(x=steps, y=smooth(losses), mode="lines", name="train loss (smoothed)",
-                             line={"color": COLORS[0], "width": 2.5}), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
-                             mode="lines+markers", name="eval loss", line={"color": COLORS[1], "dash": "dot"},
-                             marker={"size": 9, "symbol": "diamond"}), row=1, col=1)
-    lr = [(r["step"], r["learning_rate"]) for r in train if r.get("learning_rate") is not None]
-    fig.add_trace(go.Scatter(x=[s for s, _ in lr], y=[v for _, v in lr], mode="lines", name="learning rate",
-                             line={"color": "#64748b", "width": 1.5}), row=2, col=1)
-    fig.update_yaxes(title_text="loss", row=1, col=1)
-    fig.update_yaxes(title_text="learning rate", tickformat=".1e", row=2, col=1)
-    fig.update_xaxes(title_text="step", row=2, col=1)
-    _layout(fig, run_name or "none", empty=not train and not evals)
-    return fig
+    data = [
+        _scatter(steps, losses, "train loss", mode=marker_mode, opacity=0.35,
+                 line={"color": COLORS[0], "width": 1}, marker={"size": 4}),
+        _scatter(steps, smooth(losses), "train loss (smoothed)", line={"color": COLORS[0], "width": 2.5}),
+        _scatter([r["step"] for r in evals], [r["eval_loss"] for r in evals], "eval loss", mode="lines+markers",
+                 line={"color": COLORS[1], "dash": "dot"}, marker={"size": 9, "symbol": "diamond"}),
+    ]
+    axes = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "loss"}}}
+    return _plot(data, axes, run_name or "none", empty=not train and not evals)
 
 
-def overlay_figure(series: list[tuple[str, list[dict]]]):
+def overlay_figure(series: list[tuple[str, list[dict]]]) -> PlotData:
     """Several runs' loss curves in one chart: smoothed train loss solid, eval loss dotted."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
+    data = []
     for i, (name, rows) in enumerate(series):
         color = COLORS[i % len(COLORS)]
         train, evals = train_rows(rows), eval_rows(rows)
-        fig.add_trace(go.Scatter(x=[r["step"] for r in train], y=smooth([r["loss"] for r in train]), mode="lines",
-                                 name=f"{name} · train", legendgroup=name, line={"color": color, "width": 2}))
+        data.append(_scatter([r["step"] for r in train], smooth([r["loss"] for r in train]), f"{name} · train",
+                             legendgroup=name, line={"color": color, "width": 2}))
         if evals:
-            fig.add_trace(go.Scatter(x=[r["step"] for r in evals], y=[r["eval_loss"] for r in evals],
-                                     mode="lines+markers", name=f"{name} · eval", legendgroup=name,
-                                     line={"color": color, "dash": "dot"}, marker={"symbol": "diamond", "size": 8}))
-    fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text="loss (train smoothed)")
-    _layout(fig, "runs", empty=not series, empty_text="Pick runs to compare")
-    return fig
+            data.append(_scatter([r["step"] for r in evals], [r["eval_loss"] for r in evals], f"{name} · eval",
+                                 mode="lines+markers", legendgroup=name, line={"color": color, "dash": "dot"},
+                                 marker={"symbol": "diamond", "size": 8}))
+    axes = {"xaxis": {"title": {"text": "step"}}, "yaxis": {"title": {"text": "loss (train smoothed)"}}}
+    return _plot(data, axes, "runs", empty=not series, empty_text="Pick runs to compare")
 
 
-def _layout(fig, uirevision: str, empty: bool, empty_text: str = "Waiting for the first logged step…") -> None:
-    # Drawn on every logged step while the page watches a run, so kept cheap for the browser
-    # (bench/bench_ui.py): no template (plotly_white costs a deep merge per draw), no title (Gradio
-    # forces a 100 px top margin for one; the run's name is in the status line), and the legend
-    # inside the plot so the margins never grow. uirevision keeps the user's zoom across updates.
-    fig.update_layout(height=430, plot_bgcolor="white", paper_bgcolor="white", font={"color": "#334155"},
-                      margin={"l": 60, "r": 20, "t": 20, "b": 40}, hovermode="x unified", uirevision=uirevision,
-                      legend={"x": 0.99, "xanchor": "right", "y": 0.99, "bgcolor": "rgba(255,255,255,0.75)"})
-    fig.update_xaxes(showgrid=True, gridcolor="#e5e7eb", zeroline=False, showline=True, linecolor="#cbd5e1")
-    fig.update_yaxes(showgrid=True, gridcolor="#e5e7eb", zeroline=False, showline=True, linecolor="#cbd5e1")
+def traces(figure: PlotData) -> list[dict]:
+    """The traces of a figure made here, as plotly JSON (name, x, y, ...)."""
+    return json.loads(figure.plot)["data"]
+
+
+def _scatter(x: list, y: list, name: str, mode: str = "lines", **style) -> dict:
+    # A diverged run logs nan/inf, which JSON cannot carry: plotly draws null as a gap.
+    y = [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in y]
+    return {"type": "scatter", "x": x, "y": y, "name": name, "mode": mode, **style}
+
+
+GRID = {"showgrid": True, "gridcolor": "#e5e7eb", "zeroline": False, "showline": True, "linecolor": "#cbd5e1"}
+
+
+def _plot(data: list[dict], axes: dict, uirevision: str, empty: bool,
+          empty_text: str = "Waiting for the first logged step…") -> PlotData:
+    # Drawn on every logged step while a page watches a run, so kept cheap (bench/bench_ui.py):
+    # plotly JSON written directly (building a plotly Figure and serialising it took ~40 ms of
+    # the server's CPU per draw), no template (plotly.py adds its default one, 7 KB the browser
+    # merges on every draw), no title (Gradio forces a 100 px top margin for one; the run's name
+    # is in the status line), and the legend inside the plot so the margins never grow.
+    # uirevision keeps the user's zoom across updates.
+    layout = {"height": 430, "plot_bgcolor": "white", "paper_bgcolor": "white", "font": {"color": "#334155"},
+              "margin": {"l": 60, "r": 20, "t": 20, "b": 40}, "hovermode": "x unified", "uirevision": uirevision,
+              "legend": {"x": 0.99, "xanchor": "right", "y": 0.99, "bgcolor": "rgba(255,255,255,0.75)"},
+              **{name: {**GRID, **axis} for name, axis in axes.items()}}
     if empty:
-        fig.add_annotation(text=empty_text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.6,
-                           font={"size": 14, "color": "#64748b"})
+        layout["annotations"] = [{"text": empty_text, "showarrow": False, "xref": "paper", "yref": "paper",
+                                  "x": 0.5, "y": 0.6, "font": {"size": 14, "color": "#64748b"}}]
+    return PlotData(type="plotly", plot=json.dumps({"data": data, "layout": layout}, allow_nan=False))
 
 
 # -- progress and status -----------------------------------------------------------------
@@ -187,8 +199,10 @@ def progress_html(rows: list[dict], status: dict) -> str:
     tps = f"{sum(recent) / len(recent):,.0f}" if recent else "–"
     eta = _duration(last.get("eta_s")) if state == "running" else ("done" if state == "completed" else "–")
     color = {"failed": "#dc2626", "stopped": "#ca8a04", "completed": "#16a34a"}.get(state, "#f97316")
+    lr = last.get("learning_rate")
     items = [("step", f"{step}/{total or '?'}"), ("epoch", f"{last.get('epoch', 0):.2f}" if last else "–"),
-             ("elapsed", _duration(last.get("elapsed_s"))), ("ETA", eta), ("tokens/s", tps)]
+             ("elapsed", _duration(last.get("elapsed_s"))), ("ETA", eta), ("tokens/s", tps),
+             ("learning rate", f"{lr:.2e}" if isinstance(lr, (int, float)) else "–")]
     cells = "".join(f"<span><b>{k}</b> {html.escape(str(v))}</span>" for k, v in items)
     return (f'<div class="qs-progress" data-step="{step}" data-total="{total}">'
             f'<div style="background:#e5e7eb;border-radius:6px;height:12px;overflow:hidden">'

@@ -537,7 +537,7 @@ def build_tab(ctx, session) -> None:
     gr.Markdown("### Live run")
     status = gr.HTML(empty_status_html())
     progress = gr.HTML()
-    plot = gr.Plot(loss_figure([], ""), label="Loss and learning rate")
+    plot = gr.Plot(loss_figure([], ""), label="Loss")
     log = gr.Textbox(label="train.log (last lines)", lines=10, max_lines=LOG_LINES, interactive=False, autoscroll=True)
 
     gr.Markdown("### Runs")
