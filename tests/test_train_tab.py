@@ -369,11 +369,18 @@ def test_the_loss_chart_is_lean_plotly_json_and_survives_a_diverged_step():
     assert "<b>learning rate</b> 1.00e-04" in progress_html(rows, {"state": "running", "step": 3, "max_steps": 3})
 
 
+def test_the_page_looks_at_a_run_half_as_often_where_it_trains_on_the_cpu():
+    on = lambda device: SimpleNamespace(hardware=SimpleNamespace(device=device))  # noqa: E731
+    assert tab.running_poll_s(on("cuda")) == tab.POLL_RUNNING_S < tab.running_poll_s(on("cpu"))
+    assert tab.running_poll_s(SimpleNamespace(hardware=None)) == tab.POLL_RUNNING_CPU_S
+
+
 def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monkeypatch):
     """follow() is what the page listens to: a first (empty) update, then one per change, none while
     nothing changes; a session's newer stream ends its older one."""
 
     monkeypatch.setattr(tab, "POLL_RUNNING_S", 0.05)
+    monkeypatch.setattr(tab, "POLL_RUNNING_CPU_S", 0.05)
     monkeypatch.setattr(tab, "POLL_IDLE_S", 0.05)
     run = fake_run(ctx, "live", "running", [3.0], pid=os.getpid())
     watch = tab.select_run(ctx, "live")[0]

@@ -316,11 +316,18 @@ def tick(ctx, watch: dict | None):
 
 
 # Seconds between the server's looks at the run folder for one page. Looking is a few stat()
-# calls; the page hears only of changes, at most one update per POLL_RUNNING_S, because each
-# update costs the browser a Gradio event and a chart redraw, CPU that a CPU training run would
-# otherwise use (bench/bench_ui.py measures it).
+# calls; the page hears only of changes, at most one update per look, because each update costs
+# the browser a Gradio event and a chart redraw. On a machine without a GPU that CPU comes out of
+# the training run (bench/bench_ui.py measures it), so there the page looks half as often; a
+# step's metrics line and its status then also tend to arrive in one update rather than two.
 POLL_RUNNING_S = 1.0
+POLL_RUNNING_CPU_S = 2.0
 POLL_IDLE_S = 5.0
+
+
+def running_poll_s(ctx) -> float:
+    hw = getattr(ctx, "hardware", None)
+    return POLL_RUNNING_S if hw is not None and hw.device == "cuda" else POLL_RUNNING_CPU_S
 
 
 async def follow(ctx, watch: dict | None, session: str):
@@ -346,7 +353,7 @@ async def follow(ctx, watch: dict | None, session: str):
                 yield out[1:]
             first = False
             running = bool(watch) and watch["status"].get("state") == "running"
-            await asyncio.sleep(POLL_RUNNING_S if running else POLL_IDLE_S)
+            await asyncio.sleep(running_poll_s(ctx) if running else POLL_IDLE_S)
     finally:
         if ctx.followers.get(session) is token:
             del ctx.followers[session]
