@@ -369,7 +369,7 @@ def test_the_loss_chart_is_lean_plotly_json_and_survives_a_diverged_step():
     assert "<b>learning rate</b> 1.00e-04" in progress_html(rows, {"state": "running", "step": 3, "max_steps": 3})
 
 
-def test_the_page_looks_at_a_run_half_as_often_where_it_trains_on_the_cpu():
+def test_the_page_looks_at_a_run_less_often_where_it_trains_on_the_cpu():
     on = lambda device: SimpleNamespace(hardware=SimpleNamespace(device=device))  # noqa: E731
     assert tab.running_poll_s(on("cuda")) == tab.POLL_RUNNING_S < tab.running_poll_s(on("cpu"))
     assert tab.running_poll_s(SimpleNamespace(hardware=None)) == tab.POLL_RUNNING_CPU_S

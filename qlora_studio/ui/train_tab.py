@@ -318,10 +318,11 @@ def tick(ctx, watch: dict | None):
 # Seconds between the server's looks at the run folder for one page. Looking is a few stat()
 # calls; the page hears only of changes, at most one update per look, because each update costs
 # the browser a Gradio event and a chart redraw. On a machine without a GPU that CPU comes out of
-# the training run (bench/bench_ui.py measures it), so there the page looks half as often; a
-# step's metrics line and its status then also tend to arrive in one update rather than two.
+# the training run, and costs it about three times its own share: each time the browser runs, it
+# stalls one of the two OpenMP threads that the other then waits for (bench/bench_ui.py: updates
+# every 2 s took 14% of a 2-core run's tokens/s). There the page shows new steps every 5 s.
 POLL_RUNNING_S = 1.0
-POLL_RUNNING_CPU_S = 2.0
+POLL_RUNNING_CPU_S = 5.0
 POLL_IDLE_S = 5.0
 
 
