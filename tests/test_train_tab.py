@@ -292,8 +292,9 @@ def test_failed_runs_show_their_reason_and_what_to_do(ctx):
 
 # -- real runs through the handlers ----------------------------------------------------------
 
-def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx):
+def test_a_run_streams_stops_and_resumes_through_the_tab_with_two_sessions(ctx, monkeypatch):
     """One real training seen from two browser sessions: live points, busy message, stop, resume."""
+    monkeypatch.setattr(tab, "CHART_EVERY_CPU_S", 0.0)  # every look redraws, as on a GPU machine
     message, watch_a, run = tab.start_training(ctx, tiny_values(ctx, "live", "train.max_steps=5"), "quick-cpu")
     assert "Started <code>live</code>" in message and run == str(ctx.runs_root / "live")
 
@@ -373,6 +374,30 @@ def test_the_page_looks_at_a_run_less_often_where_it_trains_on_the_cpu():
     on = lambda device: SimpleNamespace(hardware=SimpleNamespace(device=device))  # noqa: E731
     assert tab.running_poll_s(on("cuda")) == tab.POLL_RUNNING_S < tab.running_poll_s(on("cpu"))
     assert tab.running_poll_s(SimpleNamespace(hardware=None)) == tab.POLL_RUNNING_CPU_S
+    assert tab.chart_every_s(on("cuda")) == 0 < tab.chart_every_s(on("cpu")) == tab.CHART_EVERY_CPU_S
+
+
+def test_on_a_cpu_machine_the_chart_lags_the_progress_line_by_at_most_its_interval(ctx, monkeypatch):
+    monkeypatch.setattr(tab, "CHART_EVERY_CPU_S", 60.0)
+    run = fake_run(ctx, "live", "running", [3.0], pid=os.getpid())
+    watch = tab.select_run(ctx, "live")[0]
+
+    def log_step(step):
+        with (run / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"type": "train", "step": step, "loss": 3.0 - step / 10, "learning_rate": 1e-4}) + "\n")
+
+    log_step(2)
+    watch, figure, progress, *_ = tab.tick(ctx, watch)
+    assert is_skip(figure) and 'data-step="2"' in progress  # the progress line moves; the chart waits
+    assert all(is_skip(o) for o in tab.tick(ctx, watch))  # nothing new and not due: nothing is sent
+    watch["drawn_at"] -= 60  # its interval has passed: the chart catches up with nothing new logged
+    watch, figure, progress, *_ = tab.tick(ctx, watch)
+    assert traces(figure)[0]["x"] == [1, 2] and is_skip(progress)
+
+    log_step(3)  # the run ends within the interval: every point is shown at once
+    write_json_atomic(run / "status.json", {"state": "completed", "step": 3, "max_steps": 3, "pid": None})
+    watch, figure, progress, status, *_ = tab.tick(ctx, watch)
+    assert traces(figure)[0]["x"] == [1, 2, 3] and 'data-state="completed"' in status
 
 
 def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monkeypatch):
@@ -382,6 +407,7 @@ def test_the_live_stream_sends_only_changes_and_one_stream_per_session(ctx, monk
     monkeypatch.setattr(tab, "POLL_RUNNING_S", 0.05)
     monkeypatch.setattr(tab, "POLL_RUNNING_CPU_S", 0.05)
     monkeypatch.setattr(tab, "POLL_IDLE_S", 0.05)
+    monkeypatch.setattr(tab, "CHART_EVERY_CPU_S", 0.0)
     run = fake_run(ctx, "live", "running", [3.0], pid=os.getpid())
     watch = tab.select_run(ctx, "live")[0]
 

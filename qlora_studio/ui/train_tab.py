@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import html
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -280,6 +281,7 @@ def resume_training(ctx, name: str):
 def render(watch: dict) -> tuple:
     """Everything the live view shows for a watch: (figure, progress, status, log)."""
     name = run_name_of(watch)
+    watch.update(drawn=len(watch["rows"]), drawn_at=time.monotonic())
     return (loss_figure(watch["rows"], name), progress_html(watch["rows"], watch["status"]),
             status_html(watch["status"], name), log_tail(watch["run"]))
 
@@ -299,11 +301,20 @@ def tick(ctx, watch: dict | None):
         watch, attached = new_watch(active["run_dir"]), True
     previous_state = (watch["status"].get("state"), watch["status"].get("reason"))
     changed = poll(watch)
-    if not changed and not attached:
+    state_changed = attached or (watch["status"].get("state"), watch["status"].get("reason")) != previous_state
+    # The chart may lag the progress line by up to chart_every_s(ctx); it always catches up when
+    # the run's state changes (so a finished run shows every point).
+    now = time.monotonic()
+    unshown = "metrics" in changed or watch.get("drawn") != len(watch["rows"])
+    chart_due = attached or state_changed or now - watch.get("drawn_at", 0.0) >= chart_every_s(ctx)
+    draw = attached or (unshown and chart_due)
+    if not changed and not draw:
         return (skip,) * 8
     name = run_name_of(watch)
-    state_changed = attached or (watch["status"].get("state"), watch["status"].get("reason")) != previous_state
-    figure = loss_figure(watch["rows"], name) if attached or "metrics" in changed else skip
+    figure = skip
+    if draw:
+        figure = loss_figure(watch["rows"], name)
+        watch.update(drawn=len(watch["rows"]), drawn_at=now)
     progress = progress_html(watch["rows"], watch["status"]) if changed & {"metrics", "status", "step"} or attached else skip
     status = status_html(watch["status"], name) if "status" in changed or attached else skip
     log = log_tail(watch["run"]) if "log" in changed or attached else skip
@@ -326,9 +337,22 @@ POLL_RUNNING_CPU_S = 5.0
 POLL_IDLE_S = 5.0
 
 
-def running_poll_s(ctx) -> float:
+# A chart redraw in sight costs the browser several times a progress update (bench/bench_ui.py),
+# so on a machine without a GPU the chart is redrawn at most every CHART_EVERY_CPU_S.
+CHART_EVERY_CPU_S = 10.0
+
+
+def _on_gpu(ctx) -> bool:
     hw = getattr(ctx, "hardware", None)
-    return POLL_RUNNING_S if hw is not None and hw.device == "cuda" else POLL_RUNNING_CPU_S
+    return hw is not None and hw.device == "cuda"
+
+
+def running_poll_s(ctx) -> float:
+    return POLL_RUNNING_S if _on_gpu(ctx) else POLL_RUNNING_CPU_S
+
+
+def chart_every_s(ctx) -> float:
+    return 0.0 if _on_gpu(ctx) else CHART_EVERY_CPU_S
 
 
 async def follow(ctx, watch: dict | None, session: str):
