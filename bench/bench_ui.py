@@ -243,8 +243,10 @@ def main() -> None:
 def _page_poll(device: str) -> str:
     from qlora_studio.ui import train_tab
 
-    seconds = train_tab.POLL_RUNNING_S if device == "cuda" else train_tab.POLL_RUNNING_CPU_S
-    return f"on change, looked at every {seconds:g} s"
+    if device == "cuda":
+        return f"on change, looked at every {train_tab.POLL_RUNNING_S:g} s"
+    return (f"on change, looked at every {train_tab.POLL_RUNNING_CPU_S:g} s, "
+            f"chart at most every {train_tab.CHART_EVERY_CPU_S:g} s")
 
 
 if __name__ == "__main__":
